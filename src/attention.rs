@@ -1,0 +1,251 @@
+//! Attention over stored tokens, for one query token and one KV head's group of query heads.
+//! This is the exact kernel (every visible token, f16 storage, f32 math); it is also the
+//! reference that faster kernels are tested against.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Sliding-window rule of a layer (llama.cpp's LLAMA_SWA_TYPE_* and is_masked_swa).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    None,
+    /// key visible when p_query - p_key < n
+    Standard(i32),
+    /// key visible when p_key >= floor(p_query / n) * n
+    Chunked(i32),
+    /// key visible when |p_query - p_key| <= n / 2
+    Symmetric(i32),
+}
+
+impl Window {
+    pub fn from_c(swa_type: i32, n_swa: u32) -> Option<Window> {
+        let n = n_swa as i32;
+        match swa_type {
+            0 => Some(Window::None),
+            1 if n > 0 => Some(Window::Standard(n)),
+            2 if n > 0 => Some(Window::Chunked(n)),
+            3 if n > 0 => Some(Window::Symmetric(n)),
+            _ => None,
+        }
+    }
+
+    /// Inclusive position bounds of the keys a query at `p` may see.
+    pub fn bounds(self, p: i32, causal: bool) -> (i32, i32) {
+        let hi = if causal { p } else { i32::MAX };
+        match self {
+            Window::None => (i32::MIN, hi),
+            Window::Standard(n) => (p.saturating_sub(n - 1), hi),
+            Window::Chunked(n) => ((p / n) * n, hi),
+            Window::Symmetric(n) => (p.saturating_sub(n / 2), hi.min(p.saturating_add(n / 2))),
+        }
+    }
+}
+
+/// The entries of a (position, cell) list sorted by position that a query at `p` may see.
+pub fn visible(list: &[(i32, u32)], p: i32, causal: bool, window: Window) -> &[(i32, u32)] {
+    let (lo, hi) = window.bounds(p, causal);
+    let a = list.partition_point(|e| e.0 < lo);
+    let b = list.partition_point(|e| e.0 <= hi);
+    if a >= b {
+        &list[0..0]
+    } else {
+        &list[a..b]
+    }
+}
+
+/// Scalars of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    pub kq_scale: f32,
+    /// 0 = off; else logit = softcap * tanh(logit / softcap), applied after kq_scale
+    pub softcap: f32,
+}
+
+impl Scale {
+    #[inline]
+    fn logit(self, dot: f32) -> f32 {
+        let z = dot * self.kq_scale;
+        if self.softcap != 0.0 {
+            self.softcap * (z / self.softcap).tanh()
+        } else {
+            z
+        }
+    }
+}
+
+/// Per-thread scratch, reused across calls so the loop does not allocate once warm.
+#[derive(Default)]
+pub struct Scratch {
+    logits: Vec<f32>,
+    row: Vec<f32>,
+}
+
+/// Exact attention of `g` query heads (`q`: g rows of `dk`, contiguous) over the `cells`,
+/// whose key and value rows of this KV head `key(cell)` and `val(cell)` return. Writes g rows
+/// of `dv` into `out`. `sinks`: one extra logit per query head that takes probability mass
+/// but has no value (llama.cpp's attention sinks). No visible token and no sink gives zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn exact<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    let n = cells.len();
+    scratch.logits.clear();
+    scratch.logits.resize(g * n, 0.0);
+    scratch.row.resize(dk.max(dv), 0.0);
+
+    for (j, &(_, c)) in cells.iter().enumerate() {
+        let k = &mut scratch.row[..dk];
+        key(c).convert_to_f32_slice(k);
+        for h in 0..g {
+            let qh = &q[h * dk..(h + 1) * dk];
+            scratch.logits[h * n + j] = scale.logit(dot(qh, k));
+        }
+    }
+
+    out[..g * dv].iter_mut().for_each(|x| *x = 0.0);
+    for h in 0..g {
+        let l = &mut scratch.logits[h * n..(h + 1) * n];
+        let sink = sinks.map(|s| s[h]);
+        let mut m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if let Some(s) = sink {
+            m = m.max(s);
+        }
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let mut sum = 0.0f32;
+        for x in l.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        if let Some(s) = sink {
+            sum += (s - m).exp();
+        }
+        let inv = 1.0 / sum;
+        l.iter_mut().for_each(|x| *x *= inv);
+    }
+
+    for (j, &(_, c)) in cells.iter().enumerate() {
+        let v = &mut scratch.row[..dv];
+        val(c).convert_to_f32_slice(v);
+        for h in 0..g {
+            let p = scratch.logits[h * n + j];
+            let o = &mut out[h * dv..(h + 1) * dv];
+            for (oi, vi) in o.iter_mut().zip(v.iter()) {
+                *oi += p * vi;
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // eight independent partial sums let the compiler vectorise without -ffast-math
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[i * 8 + l] * b[i * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &[f32]) -> Vec<f16> {
+        v.iter().map(|x| f16::from_f32(*x)).collect()
+    }
+
+    /// Straightforward softmax attention in f64 over f16-rounded keys and values.
+    fn reference(q: &[f32], keys: &[Vec<f16>], vals: &[Vec<f16>], scale: f32, sink: Option<f32>) -> Vec<f32> {
+        let logits: Vec<f64> = keys
+            .iter()
+            .map(|k| k.iter().zip(q).map(|(a, b)| a.to_f64() * *b as f64).sum::<f64>() * scale as f64)
+            .collect();
+        let mut m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if let Some(s) = sink {
+            m = m.max(s as f64);
+        }
+        let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let z: f64 = e.iter().sum::<f64>() + sink.map(|s| (s as f64 - m).exp()).unwrap_or(0.0);
+        let dv = vals[0].len();
+        (0..dv).map(|d| (e.iter().zip(vals).map(|(p, v)| p * v[d].to_f64()).sum::<f64>() / z) as f32).collect()
+    }
+
+    #[test]
+    fn matches_reference_with_gqa_and_sinks() {
+        let (dk, dv, n, g) = (16, 8, 37, 3);
+        let mut seed = 1u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+        };
+        let keys: Vec<Vec<f16>> = (0..n).map(|_| h(&(0..dk).map(|_| rnd()).collect::<Vec<_>>())).collect();
+        let vals: Vec<Vec<f16>> = (0..n).map(|_| h(&(0..dv).map(|_| rnd()).collect::<Vec<_>>())).collect();
+        let q: Vec<f32> = (0..g * dk).map(|_| rnd() * 3.0).collect();
+        let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
+        let sinks = [0.5f32, -1.0, 2.0];
+        for use_sinks in [false, true] {
+            let mut out = vec![0.0; g * dv];
+            let mut s = Scratch::default();
+            let sk = if use_sinks { Some(&sinks[..]) } else { None };
+            exact(&q, g, dk, dv, &cells, |c| &keys[c as usize][..], |c| &vals[c as usize][..],
+                  Scale { kq_scale: 0.25, softcap: 0.0 }, sk, &mut s, &mut out);
+            for hh in 0..g {
+                let r = reference(&q[hh * dk..(hh + 1) * dk], &keys, &vals, 0.25, sk.map(|x| x[hh]));
+                for d in 0..dv {
+                    assert!((out[hh * dv + d] - r[d]).abs() < 1e-5, "head {hh} dim {d}: {} vs {}", out[hh * dv + d], r[d]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softcap_bounds_logits() {
+        let s = Scale { kq_scale: 1.0, softcap: 5.0 };
+        assert!((s.logit(1000.0) - 5.0).abs() < 1e-5);
+        assert!((s.logit(0.5) - 5.0 * (0.1f32).tanh()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn nothing_visible_gives_zeros() {
+        let mut out = vec![1.0; 4];
+        let mut s = Scratch::default();
+        exact(&[1.0; 4], 1, 4, 4, &[], |_| &[][..], |_| &[][..], Scale { kq_scale: 1.0, softcap: 0.0 }, None, &mut s, &mut out);
+        assert_eq!(out, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn windows_follow_llama_cpp_rules() {
+        let list: Vec<(i32, u32)> = (0..20).map(|p| (p, p as u32)).collect();
+        let pos = |s: &[(i32, u32)]| s.iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(pos(visible(&list, 5, true, Window::None)), (0..=5).collect::<Vec<_>>());
+        assert_eq!(pos(visible(&list, 5, false, Window::None)).len(), 20);
+        // standard: masked when p1 - p0 >= n
+        assert_eq!(pos(visible(&list, 10, true, Window::Standard(4))), vec![7, 8, 9, 10]);
+        // chunked: masked when p0 < floor(p1 / n) * n
+        assert_eq!(pos(visible(&list, 10, true, Window::Chunked(4))), vec![8, 9, 10]);
+        // symmetric: masked when |p1 - p0| > n / 2
+        assert_eq!(pos(visible(&list, 10, false, Window::Symmetric(4))), vec![8, 9, 10, 11, 12]);
+        assert_eq!(pos(visible(&list, 10, true, Window::Symmetric(4))), vec![8, 9, 10]);
+        assert!(Window::from_c(1, 0).is_none());
+        assert!(Window::from_c(7, 4).is_none());
+    }
+}

@@ -1,0 +1,379 @@
+//! One context's KV backend: the cells, per-layer key and value stores, the ubatch being
+//! processed, and the attention over them.
+//!
+//! llama.cpp drives it in this order for each ubatch: `prepare` (dry run) once per batch, then
+//! per ubatch `apply` (take cells for the new tokens), then per layer `store` and `attend` on
+//! every graph thread. Sequence operations and state I/O happen between batches.
+
+use std::cell::RefCell;
+
+use crate::attention::{self, Scale, Scratch, Window};
+use crate::cells::{Cells, SeqSet, Seqs};
+use crate::error::{Error, Result};
+use crate::options::Options;
+use crate::rows::Rows;
+
+/// One attention layer as llama.cpp describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerDesc {
+    pub il: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub window: Window,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: String,
+    pub n_ctx: usize,
+    pub n_ctx_seq: usize,
+    pub n_seq_max: usize,
+    pub n_ubatch: usize,
+    pub kv_unified: bool,
+    pub no_alloc: bool,
+    pub layers: Vec<LayerDesc>,
+    pub options: Options,
+}
+
+/// A token of a ubatch: its position and the sequences it belongs to (the first one decides
+/// what it may attend to).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Token {
+    pub pos: i32,
+    pub seq0: usize,
+    pub seqs: SeqSet,
+}
+
+/// Bytes held per tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub host: usize,
+    pub device: usize,
+    pub file: usize,
+}
+
+/// Strided read access to one of the op's input tensors: `[len, heads, tokens]` F32.
+pub trait Input {
+    /// The `len` values of head `h` of token `t`.
+    fn row(&self, t: usize, h: usize) -> &[f32];
+}
+
+/// Write access to the op's output, `[dv * n_head, n_tokens]` F32.
+pub trait Output {
+    /// The `len` values starting at head `h` of token `t`; callers on different threads ask
+    /// for disjoint ranges.
+    #[allow(clippy::mut_from_ref)]
+    fn span(&self, t: usize, h: usize, len: usize) -> &mut [f32];
+}
+
+/// One (layer, ubatch) attention call.
+pub struct Call<'a> {
+    pub il: usize,
+    pub n_tokens: usize,
+    pub causal: bool,
+    pub scale: Scale,
+    pub q: Option<&'a dyn Input>,
+    pub k: &'a dyn Input,
+    pub v: &'a dyn Input,
+    pub sinks: Option<&'a [f32]>,
+    pub out: Option<&'a dyn Output>,
+}
+
+struct Layer {
+    desc: LayerDesc,
+    /// Row c = the keys of cell c, all KV heads: [n_head_kv][dk].
+    keys: Rows,
+    /// Row c = the values of cell c: [n_head_kv][dv].
+    vals: Rows,
+}
+
+/// The ubatch committed by the last `apply`.
+#[derive(Default)]
+struct Plan {
+    /// (position, cell, index into lists) per token
+    tokens: Vec<(i32, u32, u32)>,
+    /// per distinct first sequence of the ubatch: its cells as (position, cell), by position
+    lists: Vec<Vec<(i32, u32)>>,
+}
+
+pub struct Backend {
+    cfg: Config,
+    cells: Cells,
+    layers: Vec<Layer>,
+    /// model layer index -> index into `layers`
+    layer_of: Vec<Option<usize>>,
+    plan: Plan,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new((Scratch::default(), Vec::new()));
+}
+
+impl Backend {
+    pub fn new(cfg: Config) -> Result<Backend> {
+        if cfg.n_ctx == 0 || cfg.n_seq_max == 0 || cfg.n_seq_max > crate::cells::MAX_SEQ {
+            return Err(Error::Config(format!(
+                "bad context shape: {} cells, {} sequences (at most {})",
+                cfg.n_ctx,
+                cfg.n_seq_max,
+                crate::cells::MAX_SEQ
+            )));
+        }
+        if cfg.layers.is_empty() {
+            return Err(Error::Config("the model has no attention layers to serve".into()));
+        }
+        let mut layer_of = Vec::new();
+        let mut layers = Vec::with_capacity(cfg.layers.len());
+        for (i, d) in cfg.layers.iter().enumerate() {
+            if d.n_head == 0 || d.n_head_kv == 0 || d.n_head % d.n_head_kv != 0 || d.dk == 0 || d.dv == 0 {
+                return Err(Error::Config(format!(
+                    "layer {}: unsupported head shape ({} query heads, {} KV heads, dims {}/{})",
+                    d.il, d.n_head, d.n_head_kv, d.dk, d.dv
+                )));
+            }
+            if layer_of.len() <= d.il {
+                layer_of.resize(d.il + 1, None);
+            }
+            if layer_of[d.il].is_some() {
+                return Err(Error::Config(format!("layer {} is described twice", d.il)));
+            }
+            layer_of[d.il] = Some(i);
+            let alloc = !cfg.no_alloc;
+            layers.push(Layer {
+                desc: d.clone(),
+                keys: Rows::new(cfg.n_ctx, d.n_head_kv * d.dk, alloc),
+                vals: Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc),
+            });
+        }
+        Ok(Backend { cells: Cells::new(cfg.n_ctx, cfg.n_seq_max), layers, layer_of, plan: Plan::default(), cfg })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn cells(&self) -> &Cells {
+        &self.cells
+    }
+
+    pub fn usage(&self) -> Usage {
+        let bytes: usize = self.layers.iter().map(|l| l.keys.bytes() + l.vals.bytes()).sum();
+        Usage { host: bytes, device: 0, file: 0 }
+    }
+
+    fn check_token(&self, t: &Token) -> Result<()> {
+        if t.seq0 >= self.cfg.n_seq_max || !t.seqs.contains(t.seq0) || t.seqs.iter().any(|s| s >= self.cfg.n_seq_max) {
+            return Err(Error::Request(format!(
+                "token at position {} names a sequence outside [0, {})",
+                t.pos, self.cfg.n_seq_max
+            )));
+        }
+        if t.pos < 0 {
+            return Err(Error::Request(format!("negative position {}", t.pos)));
+        }
+        Ok(())
+    }
+
+    /// Would these ubatches fit, applied in order? Changes nothing.
+    pub fn prepare(&self, ubatches: &[Vec<Token>]) -> Result<bool> {
+        if self.cfg.no_alloc {
+            return Err(Error::Request("this backend was created to measure sizes only (no_alloc)".into()));
+        }
+        let mut need = 0usize;
+        let mut per_seq = vec![0usize; self.cfg.n_seq_max];
+        for t in ubatches.iter().flatten() {
+            self.check_token(t)?;
+            need += 1;
+            for s in t.seqs.iter() {
+                per_seq[s] += 1;
+            }
+        }
+        if need > self.cells.n_free() {
+            return Ok(false);
+        }
+        if !self.cfg.kv_unified {
+            for (s, &n) in per_seq.iter().enumerate() {
+                if n > 0 && self.cells.count_seq(s) + n > self.cfg.n_ctx_seq {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Take cells for the ubatch's tokens; the store and attention calls that follow use them.
+    pub fn apply(&mut self, tokens: &[Token]) -> Result<()> {
+        if self.cfg.no_alloc {
+            return Err(Error::Request("this backend was created to measure sizes only (no_alloc)".into()));
+        }
+        for t in tokens {
+            self.check_token(t)?;
+        }
+        if tokens.len() > self.cells.n_free() {
+            return Err(Error::Request(format!("{} tokens do not fit in {} free cells", tokens.len(), self.cells.n_free())));
+        }
+        let mut plan = Plan::default();
+        let mut list_of_seq: Vec<Option<u32>> = vec![None; self.cfg.n_seq_max];
+        for t in tokens {
+            let cell = self.cells.alloc(t.pos, t.seqs).expect("free cells were counted above");
+            let list = *list_of_seq[t.seq0].get_or_insert_with(|| {
+                plan.lists.push(Vec::new());
+                (plan.lists.len() - 1) as u32
+            });
+            plan.tokens.push((t.pos, cell as u32, list));
+        }
+        for (s, l) in list_of_seq.iter().enumerate() {
+            if let Some(l) = l {
+                plan.lists[*l as usize] = self.cells.sorted_seq(s);
+            }
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
+    fn layer(&self, il: usize) -> Result<&Layer> {
+        self.layer_of
+            .get(il)
+            .copied()
+            .flatten()
+            .map(|i| &self.layers[i])
+            .ok_or_else(|| Error::Request(format!("layer {il} is not served by this backend")))
+    }
+
+    fn check_call(&self, call: &Call) -> Result<&Layer> {
+        let layer = self.layer(call.il)?;
+        if call.n_tokens != self.plan.tokens.len() {
+            return Err(Error::Request(format!(
+                "layer {}: the op has {} tokens but the applied ubatch has {}",
+                call.il,
+                call.n_tokens,
+                self.plan.tokens.len()
+            )));
+        }
+        if !layer.keys.is_allocated() {
+            return Err(Error::Request("this backend was created to measure sizes only (no_alloc)".into()));
+        }
+        Ok(layer)
+    }
+
+    /// Store the ubatch's keys and values of one layer: thread `ith` of `nth` takes every
+    /// nth token.
+    pub fn store(&self, call: &Call, ith: usize, nth: usize) -> Result<()> {
+        let layer = self.check_call(call)?;
+        let d = &layer.desc;
+        SCRATCH.with(|s| {
+            let buf = &mut s.borrow_mut().1;
+            for t in (ith..call.n_tokens).step_by(nth.max(1)) {
+                let cell = self.plan.tokens[t].1 as usize;
+                for (rows, input, dim) in [(&layer.keys, call.k, d.dk), (&layer.vals, call.v, d.dv)] {
+                    buf.clear();
+                    for h in 0..d.n_head_kv {
+                        buf.extend_from_slice(&input.row(t, h)[..dim]);
+                    }
+                    // SAFETY: each cell belongs to one token of this ubatch and each token to one
+                    // thread, so no two threads write the same row; nothing reads this layer's
+                    // rows until the attention op, which ggml runs after a barrier.
+                    unsafe { rows.write_row(cell, buf) };
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Attention of the ubatch's queries in one layer: the (token, KV head) pairs are split
+    /// into `nth` contiguous shares and thread `ith` computes its own.
+    pub fn attend(&self, call: &Call, ith: usize, nth: usize) -> Result<()> {
+        let layer = self.check_call(call)?;
+        let d = &layer.desc;
+        let q = call.q.ok_or_else(|| Error::Request("attention call without queries".into()))?;
+        let out = call.out.ok_or_else(|| Error::Request("attention call without output".into()))?;
+        let g = d.n_head / d.n_head_kv;
+        let items = call.n_tokens * d.n_head_kv;
+        let nth = nth.max(1);
+        let (start, end) = (items * ith / nth, items * (ith + 1) / nth);
+        SCRATCH.with(|s| {
+            let (scratch, qbuf) = &mut *s.borrow_mut();
+            for item in start..end {
+                let (t, kvh) = (item / d.n_head_kv, item % d.n_head_kv);
+                let (pos, _, list) = self.plan.tokens[t];
+                let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
+                qbuf.clear();
+                for h in kvh * g..(kvh + 1) * g {
+                    qbuf.extend_from_slice(&q.row(t, h)[..d.dk]);
+                }
+                let sinks = call.sinks.map(|s| &s[kvh * g..(kvh + 1) * g]);
+                let (ko, vo) = (kvh * d.dk, kvh * d.dv);
+                // SAFETY: the store op of this layer finished before this op started (ggml's
+                // barrier between nodes), and nothing writes rows during attention.
+                let key = |c: u32| unsafe { &layer.keys.row(c as usize)[ko..ko + d.dk] };
+                let val = |c: u32| unsafe { &layer.vals.row(c as usize)[vo..vo + d.dv] };
+                let o = out.span(t, kvh * g, g * d.dv);
+                attention::exact(qbuf, g, d.dk, d.dv, cells, key, val, call.scale, sinks, scratch, o);
+            }
+        });
+        Ok(())
+    }
+
+    pub fn clear(&mut self, data: bool) {
+        self.cells.clear();
+        self.plan = Plan::default();
+        if data {
+            for l in &mut self.layers {
+                if l.keys.is_allocated() {
+                    l.keys.zero();
+                    l.vals.zero();
+                }
+            }
+        }
+    }
+
+    pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> Result<bool> {
+        let seqs = self.cells.seq(seq)?;
+        self.cells.seq_rm(seqs, p0, p1);
+        Ok(true)
+    }
+
+    pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<()> {
+        match (self.cells.seq(src)?, self.cells.seq(dst)?) {
+            (Seqs::One(a), Seqs::One(b)) => {
+                self.cells.seq_cp(a, b, p0, p1);
+                Ok(())
+            }
+            _ => Err(Error::Request(format!("seq_cp({src}, {dst}) needs two sequence ids"))),
+        }
+    }
+
+    pub fn seq_keep(&mut self, seq: i32) -> Result<()> {
+        match self.cells.seq(seq)? {
+            Seqs::One(s) => {
+                self.cells.seq_keep(s);
+                Ok(())
+            }
+            Seqs::All => Err(Error::Request(format!("seq_keep({seq}) needs a sequence id"))),
+        }
+    }
+
+    /// Position shifts would need the stored keys re-rotated; refused while can_shift is false.
+    pub fn can_shift(&self) -> bool {
+        false
+    }
+
+    pub fn seq_shift_refusal(&self, what: &str) -> Error {
+        Error::Request(format!(
+            "{what}: shifting positions would need the stored (already rotated) keys re-rotated, which this backend does not do (can_shift=false)"
+        ))
+    }
+
+    pub fn seq_pos_min_max(&self, seq: i32) -> Result<(i32, i32)> {
+        Ok(self.cells.pos_min_max(self.cells.seq(seq)?))
+    }
+
+    // State I/O needs the stores; see state.rs.
+    pub(crate) fn parts_mut(&mut self) -> (&Config, &mut Cells, Vec<(&LayerDesc, &mut Rows, &mut Rows)>) {
+        self.plan = Plan::default();
+        let layers = self.layers.iter_mut().map(|l| (&l.desc, &mut l.keys, &mut l.vals)).collect();
+        (&self.cfg, &mut self.cells, layers)
+    }
+}

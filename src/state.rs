@@ -1,0 +1,214 @@
+//! Saving and restoring the cache (llama_state_* and llama_state_seq_*).
+//!
+//! Layout, little-endian:
+//! `"HCKV"`, version u32, n_layers u32, per layer (il, n_head_kv, dk, dv) u32, whole u8
+//! (1 = every sequence, with sequence sets; 0 = one sequence), n_cells u32, per cell pos i32
+//! (+ sequence set as 4 u64 when whole), then per layer the key rows and the value rows of the
+//! saved cells in the same order, as f16.
+//! The writer emits the same bytes for the same cache (llama.cpp counts before it writes).
+
+use half::f16;
+
+use crate::backend::Backend;
+use crate::cells::{SeqSet, Seqs, MAX_SEQ};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"HCKV";
+const VERSION: u32 = 1;
+
+pub fn write(be: &mut Backend, seq: i32, w: &mut dyn FnMut(&[u8])) -> Result<()> {
+    let (cfg, cells, layers) = be.parts_mut();
+    let seqs = cells.seq(seq)?;
+    let saved: Vec<usize> = (0..cells.len())
+        .filter(|&c| match seqs {
+            Seqs::All => cells.is_used(c),
+            Seqs::One(s) => cells.seqs(c).contains(s),
+        })
+        .collect();
+    if !saved.is_empty() && cfg.no_alloc {
+        return Err(Error::State("nothing is stored in a size-only (no_alloc) backend".into()));
+    }
+    w(MAGIC);
+    w(&VERSION.to_le_bytes());
+    w(&(layers.len() as u32).to_le_bytes());
+    for (d, _, _) in &layers {
+        for x in [d.il, d.n_head_kv, d.dk, d.dv] {
+            w(&(x as u32).to_le_bytes());
+        }
+    }
+    w(&[matches!(seqs, Seqs::All) as u8]);
+    w(&(saved.len() as u32).to_le_bytes());
+    for &c in &saved {
+        w(&cells.pos(c).to_le_bytes());
+        if seqs == Seqs::All {
+            let set = cells.seqs(c);
+            for k in 0..4 {
+                let mut word = 0u64;
+                for b in 0..64 {
+                    if set.contains(k * 64 + b) {
+                        word |= 1 << b;
+                    }
+                }
+                w(&word.to_le_bytes());
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    for (_, keys, vals) in layers {
+        for rows in [keys, vals] {
+            for &c in &saved {
+                bytes.clear();
+                bytes.extend(rows.row_ref(c).iter().flat_map(|x| x.to_bits().to_le_bytes()));
+                w(&bytes);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restore what `write` wrote. With `seq >= 0` the cells go to that sequence, whatever sequence
+/// they were saved from. On failure the target (the whole cache, or the sequence) is left empty.
+pub fn read(be: &mut Backend, seq: i32, r: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<()> {
+    let target = be.cells().seq(seq)?;
+    let res = read_inner(be, target, r);
+    if res.is_err() {
+        let (_, cells, _) = be.parts_mut();
+        match target {
+            Seqs::All => cells.clear(),
+            s => cells.seq_rm(s, -1, -1),
+        }
+    }
+    res
+}
+
+fn short() -> Error {
+    Error::State("the saved state ends early".into())
+}
+
+fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<()> {
+    let u32_ = |r: &mut dyn FnMut(&mut [u8]) -> bool| -> Result<u32> {
+        let mut b = [0u8; 4];
+        if !r(&mut b) {
+            return Err(short());
+        }
+        Ok(u32::from_le_bytes(b))
+    };
+    let mut magic = [0u8; 4];
+    if !r(&mut magic) {
+        return Err(short());
+    }
+    if &magic != MAGIC {
+        return Err(Error::State("not a state saved by the hc backend".into()));
+    }
+    let version = u32_(r)?;
+    if version != VERSION {
+        return Err(Error::State(format!("format version {version}, this build reads version {VERSION}")));
+    }
+    let (cfg, cells, layers) = be.parts_mut();
+    if cfg.no_alloc {
+        return Err(Error::State("cannot restore into a size-only (no_alloc) backend".into()));
+    }
+    let n_layers = u32_(r)? as usize;
+    if n_layers != layers.len() {
+        return Err(Error::State(format!("saved with {n_layers} layers, this cache has {}", layers.len())));
+    }
+    for (d, _, _) in &layers {
+        let got: Vec<u32> = (0..4).map(|_| u32_(r)).collect::<Result<_>>()?;
+        let want = [d.il as u32, d.n_head_kv as u32, d.dk as u32, d.dv as u32];
+        if got != want {
+            return Err(Error::State(format!(
+                "saved layer shape (il, kv heads, dk, dv) = {got:?} does not match this cache's {want:?}"
+            )));
+        }
+    }
+    let mut whole = [0u8; 1];
+    if !r(&mut whole) {
+        return Err(short());
+    }
+    let whole = match whole[0] {
+        0 => false,
+        1 => true,
+        x => return Err(Error::State(format!("bad sequence-scope byte {x}"))),
+    };
+    if whole != (target == Seqs::All) {
+        return Err(Error::State(if whole {
+            "this is a whole-cache state; restore it with the whole-cache call".into()
+        } else {
+            "this is a one-sequence state; restore it into a sequence".into()
+        }));
+    }
+    let n = u32_(r)? as usize;
+
+    // pick the destination cells first
+    let mut placed: Vec<usize> = Vec::with_capacity(n.min(cells.len()));
+    match target {
+        Seqs::All => {
+            if n > cells.len() {
+                return Err(Error::State(format!("{n} saved cells do not fit in {} cells", cells.len())));
+            }
+            cells.clear();
+            for c in 0..n {
+                let mut p = [0u8; 4];
+                if !r(&mut p) {
+                    return Err(short());
+                }
+                let pos = i32::from_le_bytes(p);
+                let mut set = SeqSet::default();
+                for k in 0..4 {
+                    let mut b = [0u8; 8];
+                    if !r(&mut b) {
+                        return Err(short());
+                    }
+                    let word = u64::from_le_bytes(b);
+                    for bit in 0..64 {
+                        if word & (1 << bit) != 0 {
+                            let s = k * 64 + bit;
+                            if s >= cfg.n_seq_max.min(MAX_SEQ) {
+                                return Err(Error::State(format!("saved cell names sequence {s}, this cache has {}", cfg.n_seq_max)));
+                            }
+                            set.insert(s);
+                        }
+                    }
+                }
+                if pos < 0 || set.is_empty() {
+                    return Err(Error::State(format!("saved cell {c} is malformed (pos {pos})")));
+                }
+                cells.set(c, pos, set);
+                placed.push(c);
+            }
+        }
+        Seqs::One(s) => {
+            cells.seq_rm(Seqs::One(s), -1, -1);
+            if n > cells.n_free() || (!cfg.kv_unified && n > cfg.n_ctx_seq) {
+                return Err(Error::State(format!("{n} saved cells do not fit ({} free)", cells.n_free())));
+            }
+            for _ in 0..n {
+                let mut p = [0u8; 4];
+                if !r(&mut p) {
+                    return Err(short());
+                }
+                let pos = i32::from_le_bytes(p);
+                if pos < 0 {
+                    return Err(Error::State(format!("saved cell has negative position {pos}")));
+                }
+                placed.push(cells.alloc(pos, SeqSet::one(s)).ok_or_else(short)?);
+            }
+        }
+    }
+
+    let mut bytes = Vec::new();
+    for (_, keys, vals) in layers {
+        for rows in [keys, vals] {
+            bytes.resize(rows.row_len() * 2, 0);
+            for &c in &placed {
+                if !r(&mut bytes) {
+                    return Err(short());
+                }
+                for (dst, src) in rows.row_mut(c).iter_mut().zip(bytes.chunks_exact(2)) {
+                    *dst = f16::from_bits(u16::from_le_bytes([src[0], src[1]]));
+                }
+            }
+        }
+    }
+    Ok(())
+}

