@@ -301,7 +301,9 @@ impl Backend {
                 let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
                 qbuf.clear();
                 for h in kvh * g..(kvh + 1) * g {
-                    qbuf.extend_from_slice(&q.row(t, h)[..d.dk]);
+                    // stock llama.cpp rounds queries to f16 before the K dot product (both its
+                    // flash-attention and its mul_mat path); doing the same keeps exact mode close
+                    qbuf.extend(q.row(t, h)[..d.dk].iter().map(|&x| half::f16::from_f32(x).to_f32()));
                 }
                 let sinks = call.sinks.map(|s| &s[kvh * g..(kvh + 1) * g]);
                 let (ko, vo) = (kvh * d.dk, kvh * d.dv);

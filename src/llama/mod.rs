@@ -283,6 +283,9 @@ impl<'m> Context<'m> {
     pub fn seq_keep(&mut self, seq: i32) {
         unsafe { sys::llama_memory_seq_keep(self.mem(), seq) }
     }
+    pub fn seq_add(&mut self, seq: i32, p0: i32, p1: i32, delta: i32) {
+        unsafe { sys::llama_memory_seq_add(self.mem(), seq, p0, p1, delta) }
+    }
     pub fn seq_pos_min(&self, seq: i32) -> i32 {
         unsafe { sys::llama_memory_seq_pos_min(self.mem(), seq) }
     }

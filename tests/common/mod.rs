@@ -120,3 +120,35 @@ pub fn tokens(n: usize, n_vocab: usize, seed: u32) -> Vec<i32> {
 pub fn load(path: &Path) -> Model {
     Model::load(path).unwrap()
 }
+
+/// Prefill `prompt`, then decode `forced` one token at a time (teacher forcing); returns the
+/// logits after the prompt and after each forced token.
+pub fn forced(ctx: &mut Context, prompt: &[i32], forced: &[i32]) -> Vec<Vec<f32>> {
+    let mut b = Batch::default();
+    for (i, &t) in prompt.iter().enumerate() {
+        b.add(t, i as i32, &[0], i + 1 == prompt.len());
+    }
+    ctx.decode(&b).unwrap();
+    let mut out = vec![ctx.logits(-1).unwrap().to_vec()];
+    for (k, &t) in forced.iter().enumerate() {
+        let mut b = Batch::default();
+        b.add(t, (prompt.len() + k) as i32, &[0], true);
+        ctx.decode(&b).unwrap();
+        out.push(ctx.logits(-1).unwrap().to_vec());
+    }
+    out
+}
+
+/// Difference between the best and the second-best logit.
+pub fn margin(l: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in l {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
+}
