@@ -48,3 +48,40 @@ fn qwen3_mqa_equals_stock() {
 fn gemma3_iswa_equals_stock() {
     check("gemma3");
 }
+
+/// Every model test-llama-archs wrote (MoE, llama4, qwen3.5, qwen3-next, qwen3-vl, ...): hc
+/// either gives stock's greedy tokens or refuses the architecture at context creation with a
+/// message; it never crashes.
+#[test]
+fn every_generated_architecture_matches_or_is_refused() {
+    register();
+    let mut served = Vec::new();
+    let mut refused = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(generated_models()).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|x| x == "gguf")) {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        let model = load(f);
+        let base = ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, ..Default::default() };
+        let Ok(mut stock) = Context::new(&model, &base) else { continue };
+        let hc = Context::new(&model, &hc_with(&base));
+        match hc {
+            Ok(mut hc) => {
+                let prompt = tokens(80, model.n_vocab(), 3);
+                let (a, la) = greedy(&mut stock, &prompt, 16);
+                let (b, lb) = greedy(&mut hc, &prompt, 16);
+                let worst = la.iter().zip(&lb).map(|(x, y)| nmse(x, y)).fold(0.0, f64::max);
+                assert_eq!(a, b, "{name}: greedy tokens differ");
+                assert!(worst < NMSE_MAX, "{name}: NMSE {worst:e}");
+                served.push(name);
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("cannot serve architecture"), "{name}: unexpected error: {e}");
+                refused.push(name);
+            }
+        };
+    }
+    eprintln!("served: {served:?}\nrefused: {refused:?}");
+    assert!(served.len() >= 3 && !refused.is_empty());
+}
