@@ -62,20 +62,20 @@ fn guarded<T>(be: *mut c_void, fail: T, f: impl FnOnce(&mut Handle) -> Result<T>
 }
 
 /// Shared (multi-thread) version for the graph ops.
-fn guarded_shared(be: *mut c_void, f: impl FnOnce(&Handle) -> Result<()>) {
+fn guarded_shared(be: *mut c_void, f: impl FnOnce(&Handle) -> Result<()>) -> i32 {
     if be.is_null() {
-        return;
+        return sys::LLAMA_KV_ERROR;
     }
     // SAFETY: as in `guarded`; during store/attend every thread only takes a shared reference.
     let h = unsafe { &*(be as *const Handle) };
     let err = match catch_unwind(AssertUnwindSafe(|| f(h))) {
-        Ok(Ok(())) => return,
+        Ok(Ok(())) => return sys::LLAMA_KV_OK,
         Ok(Err(e)) => e.to_string(),
         Err(p) => panic_message(p),
     };
-    // an op cannot fail in ggml: say so loudly, keep the message for last_error
-    eprintln!("hc KV backend: {err}");
+    // llama.cpp fails the next batch with this message
     h.set_error(err);
+    sys::LLAMA_KV_ERROR
 }
 
 /// One of the op's F32 inputs: `len` values per (token, head) row, at byte strides nb1/nb2.
@@ -288,14 +288,14 @@ fn with_call(h: &Handle, c: &sys::llama_kv_attn_call, with_q: bool, f: impl FnOn
     f(&call)
 }
 
-unsafe extern "C" fn store(be: *mut c_void, call: *const sys::llama_kv_attn_call, ith: i32, nth: i32) {
+unsafe extern "C" fn store(be: *mut c_void, call: *const sys::llama_kv_attn_call, ith: i32, nth: i32) -> i32 {
     guarded_shared(be, |h| {
         let c = unsafe { call.as_ref() }.ok_or_else(|| Error::Request("no call".into()))?;
         with_call(h, c, false, |call| h.be.store(call, ith.max(0) as usize, nth.max(1) as usize))
     })
 }
 
-unsafe extern "C" fn attend(be: *mut c_void, call: *const sys::llama_kv_attn_call, ith: i32, nth: i32) {
+unsafe extern "C" fn attend(be: *mut c_void, call: *const sys::llama_kv_attn_call, ith: i32, nth: i32) -> i32 {
     guarded_shared(be, |h| {
         let c = unsafe { call.as_ref() }.ok_or_else(|| Error::Request("no call".into()))?;
         with_call(h, c, true, |call| h.be.attend(call, ith.max(0) as usize, nth.max(1) as usize))

@@ -147,7 +147,9 @@ impl Backend {
                 vals: Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc),
             });
         }
-        Ok(Backend { cells: Cells::new(cfg.n_ctx, cfg.n_seq_max), layers, layer_of, plan: Plan::default(), cfg })
+        // a unified cache accepts any sequence id llama.cpp does, whatever n_seq_max says
+        let seq_limit = if cfg.kv_unified { crate::cells::MAX_SEQ } else { cfg.n_seq_max };
+        Ok(Backend { cells: Cells::new(cfg.n_ctx, seq_limit), layers, layer_of, plan: Plan::default(), cfg })
     }
 
     pub fn config(&self) -> &Config {
@@ -164,11 +166,9 @@ impl Backend {
     }
 
     fn check_token(&self, t: &Token) -> Result<()> {
-        if t.seq0 >= self.cfg.n_seq_max || !t.seqs.contains(t.seq0) || t.seqs.iter().any(|s| s >= self.cfg.n_seq_max) {
-            return Err(Error::Request(format!(
-                "token at position {} names a sequence outside [0, {})",
-                t.pos, self.cfg.n_seq_max
-            )));
+        let limit = self.cells.seq_limit();
+        if t.seq0 >= limit || !t.seqs.contains(t.seq0) || t.seqs.iter().any(|s| s >= limit) {
+            return Err(Error::Request(format!("token at position {} names a sequence outside [0, {limit})", t.pos)));
         }
         if t.pos < 0 {
             return Err(Error::Request(format!("negative position {}", t.pos)));
@@ -182,7 +182,7 @@ impl Backend {
             return Err(Error::Request("this backend was created to measure sizes only (no_alloc)".into()));
         }
         let mut need = 0usize;
-        let mut per_seq = vec![0usize; self.cfg.n_seq_max];
+        let mut per_seq = vec![0usize; self.cells.seq_limit()];
         for t in ubatches.iter().flatten() {
             self.check_token(t)?;
             need += 1;
@@ -215,7 +215,7 @@ impl Backend {
             return Err(Error::Request(format!("{} tokens do not fit in {} free cells", tokens.len(), self.cells.n_free())));
         }
         let mut plan = Plan::default();
-        let mut list_of_seq: Vec<Option<u32>> = vec![None; self.cfg.n_seq_max];
+        let mut list_of_seq: Vec<Option<u32>> = vec![None; self.cells.seq_limit()];
         for t in tokens {
             let cell = self.cells.alloc(t.pos, t.seqs).expect("free cells were counted above");
             let list = *list_of_seq[t.seq0].get_or_insert_with(|| {

@@ -70,6 +70,10 @@ impl Cells {
     pub fn is_empty(&self) -> bool {
         self.pos.is_empty()
     }
+    /// Sequence ids are in [0, seq_limit).
+    pub fn seq_limit(&self) -> usize {
+        self.n_seq_max
+    }
     pub fn n_used(&self) -> usize {
         self.n_used
     }

@@ -108,6 +108,7 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
     if cfg.no_alloc {
         return Err(Error::State("cannot restore into a size-only (no_alloc) backend".into()));
     }
+    let limit = cells.seq_limit();
     let n_layers = u32_(r)? as usize;
     if n_layers != layers.len() {
         return Err(Error::State(format!("saved with {n_layers} layers, this cache has {}", layers.len())));
@@ -163,8 +164,8 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
                     for bit in 0..64 {
                         if word & (1 << bit) != 0 {
                             let s = k * 64 + bit;
-                            if s >= cfg.n_seq_max.min(MAX_SEQ) {
-                                return Err(Error::State(format!("saved cell names sequence {s}, this cache has {}", cfg.n_seq_max)));
+                            if s >= limit.min(MAX_SEQ) {
+                                return Err(Error::State(format!("saved cell names sequence {s}, this cache takes ids below {limit}")));
                             }
                             set.insert(s);
                         }

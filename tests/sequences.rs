@@ -268,3 +268,21 @@ fn shifts_are_refused_and_positions_stay() {
     ctx.seq_add(0, 10, -1, -5);
     assert_eq!(ctx.seq_pos_max(0), 29, "a refused shift must leave positions as they were");
 }
+
+#[test]
+fn unified_cache_takes_any_sequence_id_in_memory_ops_like_stock() {
+    // a unified stock cache accepts sequence ids up to LLAMA_MAX_SEQ in its memory operations
+    // (decode itself takes ids below n_seq_max)
+    same_on_both("high-seq-id", opts(2, true), |ctx| {
+        let st = prefill_interleaved(ctx, &[(0, tokens(30, 128, 8))]);
+        ctx.seq_cp(0, 9, -1, -1);
+        assert_eq!(ctx.seq_pos_max(9), 29);
+        assert!(ctx.seq_rm(9, 10, -1));
+        assert_eq!(ctx.seq_pos_max(9), 9);
+        ctx.seq_keep(0);
+        assert_eq!(ctx.seq_pos_max(9), -1);
+        let mut rows = vec![st[0].2.clone()];
+        rows.extend(continue_greedy(ctx, st, 4));
+        rows
+    });
+}

@@ -68,7 +68,8 @@ struct llama_kv_backend_config {
     const char * model_path;// path of the model file when known, else NULL
     uint32_t n_ctx;         // total cells: n_ctx_seq for a unified cache, n_ctx_seq * n_seq_max otherwise
     uint32_t n_ctx_seq;     // most cells one sequence may hold
-    uint32_t n_seq_max;     // sequence ids are in [0, n_seq_max)
+    uint32_t n_seq_max;     // sequences the context was sized for; ids are in [0, n_seq_max), or
+                            // in [0, 256) (LLAMA_MAX_SEQ) when kv_unified
     uint32_t n_ubatch;      // most tokens in one ubatch
     uint32_t n_layer;       // layers in the model (including layers without attention)
     bool     kv_unified;    // llama.cpp's --kv-unified
@@ -139,10 +140,11 @@ struct llama_kv_backend_iface {
 
     // Store this ubatch's K and V of one layer. Called on every graph thread (ith in [0, nth));
     // each thread stores its own share. Runs before `attend` of the same layer and ubatch.
-    void (*store)(void * be, const struct llama_kv_attn_call * call, int32_t ith, int32_t nth);
+    // A graph op cannot fail: on an error return, llama.cpp fails the next batch with last_error.
+    int32_t (*store)(void * be, const struct llama_kv_attn_call * call, int32_t ith, int32_t nth);
     // Attention of this ubatch's queries over every visible stored token of one layer. Called on
-    // every graph thread; each thread writes its own share of `out`.
-    void (*attend)(void * be, const struct llama_kv_attn_call * call, int32_t ith, int32_t nth);
+    // every graph thread; each thread writes its own share of `out`. Errors as for store.
+    int32_t (*attend)(void * be, const struct llama_kv_attn_call * call, int32_t ith, int32_t nth);
 
     // clear(data): drop every cell; data = also zero the stored bytes.
     void    (*clear)(void * be, bool data);
@@ -161,7 +163,9 @@ struct llama_kv_backend_iface {
     void    (*memory_usage)(void * be, struct llama_kv_memory_usage * usage);
 
     // Serialise the whole cache (seq = -1) or one sequence. Must write the same bytes when called
-    // twice without a change in between (llama.cpp counts first, then writes).
+    // twice without a change in between (llama.cpp counts first, then writes). Requests for
+    // partial (sliding-window-only) state never reach the backend: it keeps every token, so it
+    // has none of its own.
     bool    (*state_write)(void * be, int32_t seq, uint32_t flags, llama_kv_write_fn write, void * io);
     // Restore what state_write wrote; with seq >= 0 the sequence's cells go to `seq`, whatever
     // sequence they were saved from. On failure the cache is left empty for that sequence.

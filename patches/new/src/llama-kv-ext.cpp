@@ -13,6 +13,7 @@
 
 #include "ggml-backend.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -272,9 +273,20 @@ llama_kv_ext::llama_kv_ext(const llama_model & model, const llama_cparams & cpar
         throw std::runtime_error(std::string("KV backend '") + iface->name + "' cannot serve architecture '" + arch + "': " + why);
     }
 
-    std::vector<llama_kv_layer_desc> layers;
-    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
-        if (!hp.has_kv(il)) {
+    // the layers the graph attends, chosen as llama_model::create_memory filters its cache:
+    // an MTP context attends only the next-token-prediction layers after the trunk, any other
+    // context only the trunk (unless n_layer_nextn is a router layer the trunk attends)
+    uint32_t il0 = 0;
+    uint32_t il1 = hp.n_layer_all;
+    if (hp.n_layer_nextn > 0 && hp.n_layer() > 0 && hp.router_layer < 0) {
+        if (cparams.ctx_type == LLAMA_CONTEXT_TYPE_MTP) {
+            il0 = hp.n_layer();
+        } else {
+            il1 = hp.n_layer();
+        }
+    }
+    for (uint32_t il = il0; il < il1; ++il) {
+        if (!hp.has_kv(il) || hp.n_head_kv(il) == 0) {
             continue;
         }
         llama_kv_layer_desc d;
@@ -286,8 +298,11 @@ llama_kv_ext::llama_kv_ext(const llama_model & model, const llama_cparams & cpar
         d.swa_type      = hp.is_swa(il) ? (int32_t) hp.swa_type : LLAMA_KV_SWA_NONE;
         d.n_swa         = hp.is_swa(il) ? hp.n_swa : 0;
         ggml_backend_dev_t dev = cparams.offload_kqv ? model.dev_layer((int) il) : nullptr;
-        d.device        = dev ? ggml_backend_dev_name(dev) : "CPU";
+        layer_devices.push_back(dev ? ggml_backend_dev_name(dev) : "CPU");
         layers.push_back(d);
+    }
+    for (size_t i = 0; i < layers.size(); ++i) {
+        layers[i].device = layer_devices[i].c_str();
     }
 
     llama_kv_backend_config cfg = {};
@@ -323,6 +338,19 @@ llama_kv_ext::~llama_kv_ext() {
     }
 }
 
+const llama_kv_layer_desc * llama_kv_ext::layer(int32_t il) const {
+    for (const auto & d : layers) {
+        if (d.il == il) {
+            return &d;
+        }
+    }
+    return nullptr;
+}
+
+void llama_kv_ext::op_failed() const {
+    op_error.store(true);
+}
+
 std::string llama_kv_ext::last_error() const {
     const char * msg = iface->last_error(be);
     return msg && msg[0] ? msg : "unknown error";
@@ -337,6 +365,12 @@ void llama_kv_ext::log_usage(const char * when) const {
 
 llama_memory_context_ptr llama_kv_ext::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
     GGML_UNUSED(embd_all);
+
+    if (op_error.exchange(false)) {
+        // a store or attend op of the previous batch failed; its outputs were not trustworthy
+        LLAMA_LOG_ERROR("%s: KV backend '%s' failed during the last batch: %s\n", __func__, iface->name, last_error().c_str());
+        return nullptr;
+    }
 
     balloc.split_reset();
     std::vector<llama_ubatch> ubatches;
@@ -357,10 +391,12 @@ llama_memory_context_ptr llama_kv_ext::init_batch(llama_batch_allocr & balloc, u
         views.push_back(kv_ext_view(ub));
     }
     const int32_t rc = iface->prepare(be, views.data(), (int32_t) views.size());
+    if (rc < 0) {
+        // a hard error (bad sequence id, ...): decode returns -2 instead of retrying smaller batches
+        LLAMA_LOG_ERROR("%s: KV backend '%s': %s\n", __func__, iface->name, last_error().c_str());
+        return nullptr;
+    }
     if (rc != LLAMA_KV_OK) {
-        if (rc < 0) {
-            LLAMA_LOG_ERROR("%s: KV backend '%s': %s\n", __func__, iface->name, last_error().c_str());
-        }
         return std::make_unique<llama_kv_ext_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
     }
     return std::make_unique<llama_kv_ext_context>(this, std::move(ubatches));
@@ -378,6 +414,10 @@ llama_memory_context_ptr llama_kv_ext::init_update(llama_context * lctx, bool op
 }
 
 bool llama_kv_ext::apply_ubatch(const llama_ubatch & ubatch) {
+    if (op_error.exchange(false)) {
+        LLAMA_LOG_ERROR("%s: KV backend '%s' failed during the last ubatch: %s\n", __func__, iface->name, last_error().c_str());
+        return false;
+    }
     const llama_kv_ubatch_view view = kv_ext_view(ubatch);
     if (iface->apply(be, &view) != LLAMA_KV_OK) {
         LLAMA_LOG_ERROR("%s: KV backend '%s': %s\n", __func__, iface->name, last_error().c_str());
@@ -494,6 +534,11 @@ static bool kv_ext_read_cb(void * ctx, void * dst, size_t n) {
 }
 
 void llama_kv_ext::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    if (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) {
+        // partial state is the sliding-window part a stock cache may have evicted; this
+        // memory keeps every token, so it has none (the server's checkpoints stay empty)
+        return;
+    }
     kv_ext_writer w{&io};
     const bool ok = iface->state_write(be, seq_id, flags, kv_ext_write_cb, &w);
     if (w.failed) {
@@ -505,6 +550,9 @@ void llama_kv_ext::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama
 }
 
 void llama_kv_ext::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    if (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) {
+        return; // see state_write
+    }
     kv_ext_reader r{&io};
     if (!iface->state_read(be, seq_id, flags, kv_ext_read_cb, &r)) {
         std::string msg = std::string("KV backend '") + iface->name + "' failed to restore its state: " + last_error();
@@ -580,7 +628,9 @@ static void kv_ext_store_op(ggml_tensor * dst, int ith, int nth, void * userdata
     const auto * p = (const llama_kv_ext_op_params *) userdata;
     llama_kv_attn_call c;
     kv_ext_fill_call(c, p, nullptr, dst->src[0], dst->src[1], nullptr, nullptr);
-    p->ext->iface->store(p->ext->be, &c, ith, nth);
+    if (p->ext->iface->store(p->ext->be, &c, ith, nth) != LLAMA_KV_OK) {
+        p->ext->op_failed();
+    }
 }
 
 // src: q, k, v, the store op's output (ordering only), sinks (optional)
@@ -588,7 +638,15 @@ static void kv_ext_attend_op(ggml_tensor * dst, int ith, int nth, void * userdat
     const auto * p = (const llama_kv_ext_op_params *) userdata;
     llama_kv_attn_call c;
     kv_ext_fill_call(c, p, dst->src[0], dst->src[1], dst->src[2], dst->src[4], dst);
-    p->ext->iface->attend(p->ext->be, &c, ith, nth);
+    if (p->ext->iface->attend(p->ext->be, &c, ith, nth) != LLAMA_KV_OK) {
+        // never hand garbage to the rest of the graph
+        float * out = (float *) dst->data;
+        const int64_t n = ggml_nelements(dst);
+        for (int64_t i = n * ith / nth; i < n * (ith + 1) / nth; ++i) {
+            out[i] = NAN;
+        }
+        p->ext->op_failed();
+    }
 }
 
 static ggml_tensor * kv_ext_f32_rows(ggml_context * ctx, ggml_tensor * t) {
@@ -611,6 +669,20 @@ ggml_tensor * llama_kv_ext_graph::build(ggml_context * ctx, ggml_backend_sched_t
     }
     if (!k_cur || !v_cur) {
         throw std::runtime_error("an external KV backend cannot serve layers that reuse another layer's KV");
+    }
+    if (training) {
+        throw std::runtime_error("an external KV backend cannot be used for training");
+    }
+    // the backend trusts these shapes: check them once, here, against what it was told
+    const llama_kv_layer_desc * d = ext->layer(il);
+    if (!d) {
+        throw std::runtime_error("layer " + std::to_string(il) + " attends, but the external KV backend was not given it");
+    }
+    if (q_cur->ne[0] != d->n_embd_head_k || q_cur->ne[1] != d->n_head || k_cur->ne[0] != d->n_embd_head_k ||
+        k_cur->ne[1] != d->n_head_kv || v_cur->ne[0] != d->n_embd_head_v || v_cur->ne[1] != d->n_head_kv ||
+        q_cur->ne[2] != k_cur->ne[2] || v_cur->ne[2] != k_cur->ne[2] || q_cur->ne[3] != 1 ||
+        (sinks && ggml_nelements(sinks) != d->n_head)) {
+        throw std::runtime_error("layer " + std::to_string(il) + ": attention shapes differ from the layer's description");
     }
     ggml_tensor * q = kv_ext_f32_rows(ctx, q_cur);
     ggml_tensor * k = kv_ext_f32_rows(ctx, k_cur);
@@ -656,6 +728,7 @@ llm_graph_input_attn_ext::llm_graph_input_attn_ext(const llama_hparams & hparams
     llm_graph_input_attn_kv(hparams, cparams, nullptr) {
     graph.ext = ext;
     graph.causal = cparams.causal_attn;
+    graph.training = cparams.training;
 }
 
 void llm_graph_input_attn_ext::set_input(const llama_ubatch * ubatch) {
@@ -671,6 +744,7 @@ llm_graph_input_attn_ext_iswa::llm_graph_input_attn_ext_iswa(const llama_hparams
     llm_graph_input_attn_kv_iswa(hparams, cparams, nullptr) {
     graph.ext = ext;
     graph.causal = cparams.causal_attn;
+    graph.training = cparams.training;
 }
 
 void llm_graph_input_attn_ext_iswa::set_input(const llama_ubatch * ubatch) {
@@ -685,8 +759,32 @@ bool llm_graph_input_attn_ext_iswa::can_reuse(const llm_graph_params & params) {
 // creation
 //
 
+// architectures whose graphs keep no KV cache (llama_model::create_memory returns none)
+static bool kv_ext_no_cache(llm_arch arch) {
+    switch (arch) {
+        case LLM_ARCH_BERT:
+        case LLM_ARCH_JINA_BERT_V2:
+        case LLM_ARCH_JINA_BERT_V3:
+        case LLM_ARCH_NOMIC_BERT:
+        case LLM_ARCH_NOMIC_BERT_MOE:
+        case LLM_ARCH_NEO_BERT:
+        case LLM_ARCH_EUROBERT:
+        case LLM_ARCH_WAVTOKENIZER_DEC:
+        case LLM_ARCH_MODERN_BERT:
+        case LLM_ARCH_GEMMA_EMBEDDING:
+        case LLM_ARCH_DREAM:
+        case LLM_ARCH_LLADA:
+        case LLM_ARCH_LLADA_MOE:
+        case LLM_ARCH_RND1:
+            return true;
+        default:
+            return false;
+    }
+}
+
 llama_memory_i * llama_kv_ext_create(const llama_model & model, const llama_cparams & cparams,
-                                     const char * backend, const char * opts) {
+                                     const char * backend, const char * opts,
+                                     ggml_type type_k, ggml_type type_v) {
     if (backend == nullptr) {
         // for apps that cannot be recompiled
         backend = getenv("LLAMA_KV_BACKEND");
@@ -697,6 +795,15 @@ llama_memory_i * llama_kv_ext_create(const llama_model & model, const llama_cpar
     if (backend == nullptr || backend[0] == '\0' || strcmp(backend, "none") == 0) {
         return nullptr;
     }
+    if (kv_ext_no_cache(model.arch)) {
+        LLAMA_LOG_WARN("%s: architecture '%s' keeps no KV cache; KV backend '%s' is not used\n", __func__,
+                llm_arch_name(model.arch), backend);
+        return nullptr;
+    }
     const llama_kv_backend_iface * iface = llama_kv_ext_find_backend(backend);
+    if (type_k != GGML_TYPE_F16 || type_v != GGML_TYPE_F16) {
+        LLAMA_LOG_WARN("%s: the cache types (-ctk %s, -ctv %s) apply to the stock cache only; KV backend '%s' stores keys and values as its options say\n",
+                __func__, ggml_type_name(type_k), ggml_type_name(type_v), backend);
+    }
     return new llama_kv_ext(model, cparams, iface, opts ? opts : "");
 }

@@ -7,6 +7,7 @@
 #include "llama-batch.h"
 #include "llama-graph.h"
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,10 +53,20 @@ public:
     // used by llama_kv_ext_context::apply()
     bool apply_ubatch(const llama_ubatch & ubatch);
 
+    // the descriptor of model layer il, or null when the backend does not serve it
+    const llama_kv_layer_desc * layer(int32_t il) const;
+
+    // called by the graph ops on failure: the next batch fails with this message
+    void op_failed() const;
+
     const llama_kv_backend_iface * iface;
     void * be = nullptr;
 
 private:
+    std::vector<llama_kv_layer_desc> layers;
+    std::vector<std::string> layer_devices;
+    mutable std::atomic<bool> op_error{false};
+
     std::string last_error() const;
     void log_usage(const char * when) const;
 };
@@ -94,6 +105,7 @@ struct llama_kv_ext_op_params {
 struct llama_kv_ext_graph {
     llama_kv_ext * ext = nullptr;
     bool causal = true;
+    bool training = false;
     std::vector<std::unique_ptr<llama_kv_ext_op_params>> ops;
 
     // Store this ubatch's K/V, then attend: two custom ops chained so that ggml's barrier
@@ -135,6 +147,8 @@ llama_kv_ext * llama_kv_ext_of(const llama_memory_context_i * mctx);
 void llama_kv_ext_refuse(const llama_memory_context_i * mctx, const char * what);
 
 // Create the external memory for a context, or return null when no backend was asked for
-// (params first, then the LLAMA_KV_BACKEND / LLAMA_KV_BACKEND_OPTS environment). Throws on error.
+// (params first, then the LLAMA_KV_BACKEND / LLAMA_KV_BACKEND_OPTS environment) or the model
+// keeps no KV cache at all. Throws on error.
 llama_memory_i * llama_kv_ext_create(const llama_model & model, const llama_cparams & cparams,
-                                     const char * backend, const char * opts);
+                                     const char * backend, const char * opts,
+                                     ggml_type type_k, ggml_type type_v);
