@@ -141,6 +141,8 @@ fn cmake_build(src: &Path, build: &Path, pin: &fetch::Pin, cuda: bool) -> Result
 
     let jobs = env::var("HCATTN_BUILD_JOBS").or_else(|_| env::var("NUM_JOBS")).unwrap_or_else(|_| "2".into());
     let mut cmd = Command::new("cmake");
+    // ccache keys on paths relative to the source tree, so another checkout reuses the objects
+    cmd.env("CCACHE_BASEDIR", src);
     cmd.arg("--build").arg(build).arg("--parallel").arg(&jobs).arg("--target").args(TARGETS);
     println!("cargo:warning=building llama.cpp ({} jobs; a cold build takes several minutes), log: {}", jobs, log_path.display());
     run_logged(cmd, &log_path, "building llama.cpp")

@@ -7,10 +7,11 @@
 
 use std::cell::RefCell;
 
-use crate::attention::{self, Scale, Scratch, Window};
+use crate::attention::{self, Approx, ApproxScratch, Scale, Scratch, Window};
 use crate::cells::{Cells, SeqSet, Seqs};
 use crate::error::{Error, Result};
-use crate::options::Options;
+use crate::keys::KeyStore;
+use crate::options::{Options, Select};
 use crate::rows::Rows;
 
 /// One attention layer as llama.cpp describes it.
@@ -83,9 +84,9 @@ pub struct Call<'a> {
 
 struct Layer {
     desc: LayerDesc,
-    /// Row c = the keys of cell c, all KV heads: [n_head_kv][dk].
-    keys: Rows,
-    /// Row c = the values of cell c: [n_head_kv][dv].
+    /// The fast tier: the keys of every cell, all KV heads ([n_head_kv][dk] per cell).
+    keys: KeyStore,
+    /// The host tier: row c = the values of cell c, [n_head_kv][dv].
     vals: Rows,
 }
 
@@ -109,6 +110,7 @@ pub struct Backend {
 
 thread_local! {
     static SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new((Scratch::default(), Vec::new()));
+    static APPROX: RefCell<ApproxScratch> = RefCell::new(ApproxScratch::default());
 }
 
 impl Backend {
@@ -141,9 +143,11 @@ impl Backend {
             }
             layer_of[d.il] = Some(i);
             let alloc = !cfg.no_alloc;
+            let o = &cfg.options;
             layers.push(Layer {
                 desc: d.clone(),
-                keys: Rows::new(cfg.n_ctx, d.n_head_kv * d.dk, alloc),
+                keys: KeyStore::new(o.keys, cfg.n_ctx, d.n_head_kv, d.dk, o.fit_tokens, o.seed)
+                    .map_err(|e| Error::Config(format!("layer {}: {e}", d.il)))?,
                 vals: Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc),
             });
         }
@@ -161,8 +165,57 @@ impl Backend {
     }
 
     pub fn usage(&self) -> Usage {
-        let bytes: usize = self.layers.iter().map(|l| l.keys.bytes() + l.vals.bytes()).sum();
+        let bytes: usize = self.layers.iter().map(|l| l.keys.bytes(self.cfg.n_ctx) + l.vals.bytes()).sum();
         Usage { host: bytes, device: 0, file: 0 }
+    }
+
+    /// Drop the stored rows of cells whose sequences are all gone.
+    fn sweep(&mut self) {
+        let freed = self.cells.take_freed();
+        if freed.is_empty() {
+            return;
+        }
+        for l in &mut self.layers {
+            for &c in &freed {
+                l.keys.forget(c as usize);
+            }
+        }
+    }
+
+    /// Encode the keys that need not stay exact any more (the previous ubatch's, and the
+    /// online codebooks' first keys once there are enough). Returns how many layers fitted a
+    /// codebook now.
+    fn settle(&mut self) -> Result<usize> {
+        if self.layers.iter().all(|l| l.keys.is_exact_codec()) {
+            return Ok(0);
+        }
+        let (sink, recent) = (self.cfg.options.sink as i32, self.cfg.options.recent as i32);
+        // the newest position of each sequence, for the recent window
+        let mut newest = vec![-1i32; self.cells.seq_limit()];
+        for c in 0..self.cells.len() {
+            if self.cells.is_used(c) {
+                for s in self.cells.seqs(c).iter() {
+                    newest[s] = newest[s].max(self.cells.pos(c));
+                }
+            }
+        }
+        let cells = &self.cells;
+        let keep = |c: usize| {
+            let p = cells.pos(c);
+            p < sink || cells.seqs(c).iter().any(|s| p > newest[s] - recent)
+        };
+        let mut fitted = 0;
+        let mut note = String::new();
+        for l in &mut self.layers {
+            if let Some(n) = l.keys.settle(keep)? {
+                fitted += 1;
+                note = n;
+            }
+        }
+        if fitted > 0 {
+            eprintln!("hc: {fitted} layers: {note}");
+        }
+        Ok(fitted)
     }
 
     fn check_token(&self, t: &Token) -> Result<()> {
@@ -214,6 +267,8 @@ impl Backend {
         if tokens.len() > self.cells.n_free() {
             return Err(Error::Request(format!("{} tokens do not fit in {} free cells", tokens.len(), self.cells.n_free())));
         }
+        self.sweep();
+        self.settle()?;
         let mut plan = Plan::default();
         let mut list_of_seq: Vec<Option<u32>> = vec![None; self.cells.seq_limit()];
         for t in tokens {
@@ -228,6 +283,9 @@ impl Backend {
             if let Some(l) = l {
                 plan.lists[*l as usize] = self.cells.sorted_seq(s);
             }
+        }
+        for l in &mut self.layers {
+            l.keys.reserve(plan.tokens.iter().map(|t| t.1 as usize));
         }
         self.plan = plan;
         Ok(())
@@ -252,7 +310,7 @@ impl Backend {
                 self.plan.tokens.len()
             )));
         }
-        if !layer.keys.is_allocated() {
+        if !layer.vals.is_allocated() {
             return Err(Error::Request("this backend was created to measure sizes only (no_alloc)".into()));
         }
         Ok(layer)
@@ -267,15 +325,22 @@ impl Backend {
             let buf = &mut s.borrow_mut().1;
             for t in (ith..call.n_tokens).step_by(nth.max(1)) {
                 let cell = self.plan.tokens[t].1 as usize;
-                for (rows, input, dim) in [(&layer.keys, call.k, d.dk), (&layer.vals, call.v, d.dv)] {
+                for (is_key, input, dim) in [(true, call.k, d.dk), (false, call.v, d.dv)] {
                     buf.clear();
                     for h in 0..d.n_head_kv {
                         buf.extend_from_slice(&input.row(t, h)[..dim]);
                     }
                     // SAFETY: each cell belongs to one token of this ubatch and each token to one
-                    // thread, so no two threads write the same row; nothing reads this layer's
-                    // rows until the attention op, which ggml runs after a barrier.
-                    unsafe { rows.write_row(cell, buf) };
+                    // thread, so no two threads write the same row; `apply` reserved the key
+                    // rows; nothing reads this layer's rows until the attention op, which ggml
+                    // runs after a barrier.
+                    unsafe {
+                        if is_key {
+                            layer.keys.write_exact(cell, buf);
+                        } else {
+                            layer.vals.write_row(cell, buf);
+                        }
+                    }
                 }
             }
         });
@@ -290,8 +355,43 @@ impl Backend {
         let q = call.q.ok_or_else(|| Error::Request("attention call without queries".into()))?;
         let out = call.out.ok_or_else(|| Error::Request("attention call without output".into()))?;
         let g = d.n_head / d.n_head_kv;
-        let items = call.n_tokens * d.n_head_kv;
         let nth = nth.max(1);
+        let o = &self.cfg.options;
+        if !o.is_exact() {
+            // one k per layer needs every head of a token in one work item
+            let layer_k = o.select == Select::Layer;
+            let per_item = if layer_k { d.n_head_kv } else { 1 };
+            let items = call.n_tokens * d.n_head_kv / per_item;
+            let (start, end) = (items * ith / nth, items * (ith + 1) / nth);
+            let a = Approx { tau: o.tau, renorm: o.renorm, layer_k };
+            APPROX.with(|s| {
+                let s = &mut *s.borrow_mut();
+                for item in start..end {
+                    let (t, kv0) = ((item * per_item) / d.n_head_kv, (item * per_item) % d.n_head_kv);
+                    let (pos, _, list) = self.plan.tokens[t];
+                    let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
+                    // SAFETY: values were stored before this op (ggml barrier) and are not written now.
+                    let val = |c: u32, kvh: usize| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
+                    attention::approximate(
+                        &layer.keys,
+                        kv0..kv0 + per_item,
+                        g,
+                        d.dk,
+                        d.dv,
+                        cells,
+                        |h| q.row(t, h),
+                        val,
+                        call.scale,
+                        call.sinks,
+                        a,
+                        s,
+                        |kvh| out.span(t, kvh * g, g * d.dv),
+                    );
+                }
+            });
+            return Ok(());
+        }
+        let items = call.n_tokens * d.n_head_kv;
         let (start, end) = (items * ith / nth, items * (ith + 1) / nth);
         SCRATCH.with(|s| {
             let (scratch, qbuf) = &mut *s.borrow_mut();
@@ -306,10 +406,10 @@ impl Backend {
                     qbuf.extend(q.row(t, h)[..d.dk].iter().map(|&x| half::f16::from_f32(x).to_f32()));
                 }
                 let sinks = call.sinks.map(|s| &s[kvh * g..(kvh + 1) * g]);
-                let (ko, vo) = (kvh * d.dk, kvh * d.dv);
+                let vo = kvh * d.dv;
                 // SAFETY: the store op of this layer finished before this op started (ggml's
                 // barrier between nodes), and nothing writes rows during attention.
-                let key = |c: u32| unsafe { &layer.keys.row(c as usize)[ko..ko + d.dk] };
+                let key = |c: u32| unsafe { layer.keys.exact_row(c as usize, kvh) };
                 let val = |c: u32| unsafe { &layer.vals.row(c as usize)[vo..vo + d.dv] };
                 let o = out.span(t, kvh * g, g * d.dv);
                 attention::exact(qbuf, g, d.dk, d.dv, cells, key, val, call.scale, sinks, scratch, o);
@@ -321,12 +421,10 @@ impl Backend {
     pub fn clear(&mut self, data: bool) {
         self.cells.clear();
         self.plan = Plan::default();
-        if data {
-            for l in &mut self.layers {
-                if l.keys.is_allocated() {
-                    l.keys.zero();
-                    l.vals.zero();
-                }
+        for l in &mut self.layers {
+            l.keys.forget_all();
+            if data && l.vals.is_allocated() {
+                l.vals.zero();
             }
         }
     }
@@ -373,7 +471,8 @@ impl Backend {
     }
 
     // State I/O needs the stores; see state.rs.
-    pub(crate) fn parts_mut(&mut self) -> (&Config, &mut Cells, Vec<(&LayerDesc, &mut Rows, &mut Rows)>) {
+    pub(crate) fn parts_mut(&mut self) -> (&Config, &mut Cells, Vec<(&LayerDesc, &mut KeyStore, &mut Rows)>) {
+        self.sweep();
         self.plan = Plan::default();
         let layers = self.layers.iter_mut().map(|l| (&l.desc, &mut l.keys, &mut l.vals)).collect();
         (&self.cfg, &mut self.cells, layers)

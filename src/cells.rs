@@ -57,11 +57,13 @@ pub struct Cells {
     /// Where the search for a free cell starts.
     hint: usize,
     n_seq_max: usize,
+    /// Cells freed since the last `take_freed`, so the stores can drop their rows.
+    freed: Vec<u32>,
 }
 
 impl Cells {
     pub fn new(n_cells: usize, n_seq_max: usize) -> Cells {
-        Cells { pos: vec![0; n_cells], seqs: vec![SeqSet::default(); n_cells], n_used: 0, hint: 0, n_seq_max }
+        Cells { pos: vec![0; n_cells], seqs: vec![SeqSet::default(); n_cells], n_used: 0, hint: 0, n_seq_max, freed: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -128,12 +130,19 @@ impl Cells {
             self.n_used += 1;
         } else if !self.seqs[c].is_empty() && set.is_empty() {
             self.n_used -= 1;
+            self.freed.push(c as u32);
         }
         self.pos[c] = pos;
         self.seqs[c] = set;
     }
 
+    /// Cells that became free since the last call.
+    pub fn take_freed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.freed)
+    }
+
     pub fn clear(&mut self) {
+        self.freed.clear();
         self.seqs.iter_mut().for_each(|s| *s = SeqSet::default());
         self.n_used = 0;
         self.hint = 0;

@@ -1,22 +1,24 @@
 //! Saving and restoring the cache (llama_state_* and llama_state_seq_*).
 //!
-//! Layout, little-endian:
-//! `"HCKV"`, version u32, n_layers u32, per layer (il, n_head_kv, dk, dv) u32, whole u8
-//! (1 = every sequence, with sequence sets; 0 = one sequence), n_cells u32, per cell pos i32
-//! (+ sequence set as 4 u64 when whole), then per layer the key rows and the value rows of the
-//! saved cells in the same order, as f16.
+//! Layout, little-endian: `"HCKV"`, version u32, the key codec as a length-prefixed string,
+//! n_layers u32, per layer (il, n_head_kv, dk, dv) u32 and its codebook (centroid count u32,
+//! dims u32, centroids f32; count 0 = none); whole u8 (1 = every sequence, with sequence sets;
+//! 0 = one sequence); n_cells u32; per cell pos i32 (+ sequence set as 4 u64 when whole); then
+//! per layer, per saved cell, its keys as the key store writes them and its value row (f16).
 //! The writer emits the same bytes for the same cache (llama.cpp counts before it writes).
 
 use half::f16;
 
 use crate::backend::Backend;
 use crate::cells::{SeqSet, Seqs, MAX_SEQ};
+use crate::codebook::Codebook;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"HCKV";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 pub fn write(be: &mut Backend, seq: i32, w: &mut dyn FnMut(&[u8])) -> Result<()> {
+    let codec = format!("{:?}", be.config().options.keys);
     let (cfg, cells, layers) = be.parts_mut();
     let seqs = cells.seq(seq)?;
     let saved: Vec<usize> = (0..cells.len())
@@ -30,10 +32,24 @@ pub fn write(be: &mut Backend, seq: i32, w: &mut dyn FnMut(&[u8])) -> Result<()>
     }
     w(MAGIC);
     w(&VERSION.to_le_bytes());
+    w(&(codec.len() as u32).to_le_bytes());
+    w(codec.as_bytes());
     w(&(layers.len() as u32).to_le_bytes());
-    for (d, _, _) in &layers {
+    for (d, keys, _) in &layers {
         for x in [d.il, d.n_head_kv, d.dk, d.dv] {
             w(&(x as u32).to_le_bytes());
+        }
+        match keys.codebook() {
+            Some(b) => {
+                w(&(b.len() as u32).to_le_bytes());
+                w(&(b.dim() as u32).to_le_bytes());
+                let bytes: Vec<u8> = b.centroids().iter().flat_map(|x| x.to_le_bytes()).collect();
+                w(&bytes);
+            }
+            None => {
+                w(&0u32.to_le_bytes());
+                w(&0u32.to_le_bytes());
+            }
         }
     }
     w(&[matches!(seqs, Seqs::All) as u8]);
@@ -55,12 +71,11 @@ pub fn write(be: &mut Backend, seq: i32, w: &mut dyn FnMut(&[u8])) -> Result<()>
     }
     let mut bytes = Vec::new();
     for (_, keys, vals) in layers {
-        for rows in [keys, vals] {
-            for &c in &saved {
-                bytes.clear();
-                bytes.extend(rows.row_ref(c).iter().flat_map(|x| x.to_bits().to_le_bytes()));
-                w(&bytes);
-            }
+        for &c in &saved {
+            keys.save_cell(c, w);
+            bytes.clear();
+            bytes.extend(vals.row_ref(c).iter().flat_map(|x| x.to_bits().to_le_bytes()));
+            w(&bytes);
         }
     }
     Ok(())
@@ -77,6 +92,13 @@ pub fn read(be: &mut Backend, seq: i32, r: &mut dyn FnMut(&mut [u8]) -> bool) ->
             Seqs::All => cells.clear(),
             s => cells.seq_rm(s, -1, -1),
         }
+        // let the stores drop what the failed read had placed
+        let (_, _, mut layers) = be.parts_mut();
+        if target == Seqs::All {
+            for (_, keys, _) in layers.iter_mut() {
+                keys.forget_all();
+            }
+        }
     }
     res
 }
@@ -85,14 +107,15 @@ fn short() -> Error {
     Error::State("the saved state ends early".into())
 }
 
+fn read_u32(r: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<u32> {
+    let mut b = [0u8; 4];
+    if !r(&mut b) {
+        return Err(short());
+    }
+    Ok(u32::from_le_bytes(b))
+}
+
 fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<()> {
-    let u32_ = |r: &mut dyn FnMut(&mut [u8]) -> bool| -> Result<u32> {
-        let mut b = [0u8; 4];
-        if !r(&mut b) {
-            return Err(short());
-        }
-        Ok(u32::from_le_bytes(b))
-    };
     let mut magic = [0u8; 4];
     if !r(&mut magic) {
         return Err(short());
@@ -100,27 +123,57 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
     if &magic != MAGIC {
         return Err(Error::State("not a state saved by the hc backend".into()));
     }
-    let version = u32_(r)?;
+    let version = read_u32(r)?;
     if version != VERSION {
         return Err(Error::State(format!("format version {version}, this build reads version {VERSION}")));
     }
-    let (cfg, cells, layers) = be.parts_mut();
+    let codec = format!("{:?}", be.config().options.keys);
+    let n = read_u32(r)? as usize;
+    if n > 256 {
+        return Err(Error::State("malformed key codec name".into()));
+    }
+    let mut saved_codec = vec![0u8; n];
+    if !r(&mut saved_codec) {
+        return Err(short());
+    }
+    if saved_codec != codec.as_bytes() {
+        return Err(Error::State(format!(
+            "saved with keys {}, this cache stores keys {codec}",
+            String::from_utf8_lossy(&saved_codec)
+        )));
+    }
+    let (cfg, cells, mut layers) = be.parts_mut();
     if cfg.no_alloc {
         return Err(Error::State("cannot restore into a size-only (no_alloc) backend".into()));
     }
     let limit = cells.seq_limit();
-    let n_layers = u32_(r)? as usize;
+    let n_layers = read_u32(r)? as usize;
     if n_layers != layers.len() {
         return Err(Error::State(format!("saved with {n_layers} layers, this cache has {}", layers.len())));
     }
+    let mut books = Vec::with_capacity(n_layers);
     for (d, _, _) in &layers {
-        let got: Vec<u32> = (0..4).map(|_| u32_(r)).collect::<Result<_>>()?;
+        let got: Vec<u32> = (0..4).map(|_| read_u32(r)).collect::<Result<_>>()?;
         let want = [d.il as u32, d.n_head_kv as u32, d.dk as u32, d.dv as u32];
         if got != want {
             return Err(Error::State(format!(
                 "saved layer shape (il, kv heads, dk, dv) = {got:?} does not match this cache's {want:?}"
             )));
         }
+        let (count, dim) = (read_u32(r)? as usize, read_u32(r)? as usize);
+        if count == 0 {
+            books.push(None);
+            continue;
+        }
+        if count > 65536 || !(1..=8).contains(&dim) {
+            return Err(Error::State(format!("malformed codebook ({count} centroids of {dim} dims)")));
+        }
+        let mut b = vec![0u8; count * dim * 4];
+        if !r(&mut b) {
+            return Err(short());
+        }
+        let c: Vec<f32> = b.chunks_exact(4).map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])).collect();
+        books.push(Some(Codebook::new(dim, c).map_err(|e| Error::State(format!("codebook: {e}")))?));
     }
     let mut whole = [0u8; 1];
     if !r(&mut whole) {
@@ -138,7 +191,22 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
             "this is a one-sequence state; restore it into a sequence".into()
         }));
     }
-    let n = u32_(r)? as usize;
+    let n = read_u32(r)? as usize;
+    if target == Seqs::All {
+        for (_, keys, _) in layers.iter_mut() {
+            keys.forget_all();
+        }
+    }
+    for ((_, keys, _), b) in layers.iter_mut().zip(books) {
+        // a one-sequence restore into a cache that fitted its own codebook keeps that one only
+        // if they agree; codes are meaningless under another codebook
+        if target != Seqs::All && keys.codebook().is_some() && b.is_some() && keys.codebook().map(|x| x.centroids()) != b.as_ref().map(|x| x.centroids()) {
+            return Err(Error::State("the saved sequence was coded with another codebook than this cache's".into()));
+        }
+        if target == Seqs::All || keys.codebook().is_none() {
+            keys.set_codebook(b)?;
+        }
+    }
 
     // pick the destination cells first
     let mut placed: Vec<usize> = Vec::with_capacity(n.min(cells.len()));
@@ -180,6 +248,11 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
         }
         Seqs::One(s) => {
             cells.seq_rm(Seqs::One(s), -1, -1);
+            for c in cells.take_freed() {
+                for (_, keys, _) in layers.iter_mut() {
+                    keys.forget(c as usize);
+                }
+            }
             if n > cells.n_free() || (!cfg.kv_unified && n > cfg.n_ctx_seq) {
                 return Err(Error::State(format!("{n} saved cells do not fit ({} free)", cells.n_free())));
             }
@@ -199,15 +272,14 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
 
     let mut bytes = Vec::new();
     for (_, keys, vals) in layers {
-        for rows in [keys, vals] {
-            bytes.resize(rows.row_len() * 2, 0);
-            for &c in &placed {
-                if !r(&mut bytes) {
-                    return Err(short());
-                }
-                for (dst, src) in rows.row_mut(c).iter_mut().zip(bytes.chunks_exact(2)) {
-                    *dst = f16::from_bits(u16::from_le_bytes([src[0], src[1]]));
-                }
+        bytes.resize(vals.row_len() * 2, 0);
+        for &c in &placed {
+            keys.load_cell(c, r)?;
+            if !r(&mut bytes) {
+                return Err(short());
+            }
+            for (dst, src) in vals.row_mut(c).iter_mut().zip(bytes.chunks_exact(2)) {
+                *dst = f16::from_bits(u16::from_le_bytes([src[0], src[1]]));
             }
         }
     }

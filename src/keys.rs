@@ -1,0 +1,655 @@
+//! The fast tier: one layer's keys, exact (f16), product-quantized, or scalar-quantized.
+//!
+//! Compressed stores keep two kinds of cells. Coded cells hold their codes only. Exact cells
+//! hold an f16 row in a side slab: the keys of the ubatch being processed (encoded only after
+//! their own attention, as the paper does), the `sink`/`recent` tokens, and, for online PQ,
+//! every key until the layer has `fit_tokens` of them to fit its codebook on.
+//!
+//! Threads: `apply` (one thread) reserves the slab rows of a ubatch; the store op then writes
+//! them from several threads, each its own cells; the attention op only reads.
+
+use std::cell::UnsafeCell;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::codebook::{Codebook, KMeans};
+use crate::error::{Error, Result};
+use crate::options::{code_bits, KeyCodec};
+
+const NONE: u32 = u32::MAX;
+
+/// Exact f16 rows for a subset of cells, allocated on demand.
+struct Slab {
+    rows: UnsafeCell<Vec<f16>>,
+    free: Vec<u32>,
+    row_len: usize,
+    /// slab row of each cell, or NONE
+    slot: Vec<u32>,
+}
+
+// SAFETY: rows are written only through `write` (distinct cells per thread, see the module
+// comment) and read only when no thread writes; the Vec is resized only through &mut self.
+unsafe impl Sync for Slab {}
+
+impl Slab {
+    fn new(n_cells: usize, row_len: usize) -> Slab {
+        Slab { rows: UnsafeCell::new(Vec::new()), free: Vec::new(), row_len, slot: vec![NONE; n_cells] }
+    }
+
+    fn reserve(&mut self, cell: usize) {
+        if self.slot[cell] != NONE {
+            return;
+        }
+        let s = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let rows = self.rows.get_mut();
+                rows.resize(rows.len() + self.row_len, f16::ZERO);
+                (rows.len() / self.row_len - 1) as u32
+            }
+        };
+        self.slot[cell] = s;
+    }
+
+    fn release(&mut self, cell: usize) {
+        let s = std::mem::replace(&mut self.slot[cell], NONE);
+        if s != NONE {
+            self.free.push(s);
+        }
+    }
+
+    fn has(&self, cell: usize) -> bool {
+        self.slot[cell] != NONE
+    }
+
+    fn in_use(&self) -> usize {
+        self.slot.iter().filter(|&&s| s != NONE).count()
+    }
+
+    /// # Safety
+    /// No other thread reads or writes this cell's row during the call.
+    unsafe fn write(&self, cell: usize, src: &[f32]) {
+        let s = self.slot[cell] as usize;
+        let rows = &mut *self.rows.get();
+        let dst = &mut rows[s * self.row_len..(s + 1) * self.row_len];
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d = f16::from_f32(*x);
+        }
+    }
+
+    /// # Safety
+    /// No thread writes this cell's row while the slice lives.
+    unsafe fn row(&self, cell: usize) -> &[f16] {
+        let s = self.slot[cell] as usize;
+        let rows = &*self.rows.get();
+        &rows[s * self.row_len..(s + 1) * self.row_len]
+    }
+
+    fn row_mut(&mut self, cell: usize) -> &mut [f16] {
+        let s = self.slot[cell] as usize;
+        let len = self.row_len;
+        &mut self.rows.get_mut()[s * len..(s + 1) * len]
+    }
+
+    fn bytes(&self) -> usize {
+        // SAFETY: reading the capacity only, under &self with no concurrent resize.
+        unsafe { (*self.rows.get()).capacity() * 2 }
+    }
+}
+
+/// What a query needs to be scored against coded keys, built once per (token, query head).
+#[derive(Default)]
+pub struct Prep {
+    /// per query head of the group: the f32 query
+    q: Vec<f32>,
+    /// PQ: per query head, g tables of `centroids` dot products
+    tables: Vec<f32>,
+    /// int: per query head, per channel group, the sum of the query's channels
+    qsum: Vec<f32>,
+    exact: Vec<f32>,
+}
+
+enum Coded {
+    None,
+    Pq { dim: usize, centroids: usize, book: Option<Codebook>, codes: Vec<u16> },
+    Int { bits: u32, group: usize, codes: Vec<u8>, scale: Vec<f32>, zero: Vec<f32> },
+}
+
+pub struct KeyStore {
+    n_head_kv: usize,
+    dk: usize,
+    slab: Slab,
+    coded: Coded,
+    fit_tokens: usize,
+    seed: u64,
+}
+
+impl KeyStore {
+    pub fn new(codec: KeyCodec, n_cells: usize, n_head_kv: usize, dk: usize, fit_tokens: usize, seed: u64) -> Result<KeyStore> {
+        let row = n_head_kv * dk;
+        let coded = match codec {
+            KeyCodec::F16 => Coded::None,
+            KeyCodec::Pq { dim, centroids } => {
+                if dk % dim != 0 {
+                    return Err(Error::Config(format!("pq_dim={dim} does not divide the head dimension {dk}")));
+                }
+                Coded::Pq { dim, centroids, book: None, codes: vec![0; n_cells * row / dim] }
+            }
+            KeyCodec::Int { bits, group } => {
+                if dk % group != 0 {
+                    return Err(Error::Config(format!("int_group={group} does not divide the head dimension {dk}")));
+                }
+                let per = if bits == 8 { row } else { row / 2 };
+                let n_groups = n_cells * row / group;
+                Coded::Int { bits, group, codes: vec![0; n_cells * per], scale: vec![0.0; n_groups], zero: vec![0.0; n_groups] }
+            }
+        };
+        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row), coded, fit_tokens, seed })
+    }
+
+    pub fn is_exact_codec(&self) -> bool {
+        matches!(self.coded, Coded::None)
+    }
+
+    /// Fast-tier bytes: codes (or f16 rows for the exact codec), codebooks, scales, and the
+    /// exact rows in use.
+    pub fn bytes(&self, n_cells: usize) -> usize {
+        let row = self.n_head_kv * self.dk;
+        match &self.coded {
+            Coded::None => n_cells * row * 2,
+            Coded::Pq { dim, centroids, book, .. } => {
+                n_cells * row / dim * code_bits(*centroids) as usize / 8 + book.as_ref().map_or(0, |b| b.bytes()) + self.slab.bytes()
+            }
+            Coded::Int { codes, scale, zero, .. } => codes.len() + (scale.len() + zero.len()) * 4 + self.slab.bytes(),
+        }
+    }
+
+    /// Make room for exact rows of these cells (the ubatch about to be stored).
+    pub fn reserve(&mut self, cells: impl Iterator<Item = usize>) {
+        for c in cells {
+            self.slab.reserve(c);
+        }
+    }
+
+    /// Store one cell's exact keys (all KV heads). Called from the store op.
+    ///
+    /// # Safety
+    /// The cell was reserved, and no other thread touches it during the call.
+    pub unsafe fn write_exact(&self, cell: usize, keys: &[f32]) {
+        self.slab.write(cell, keys);
+    }
+
+    pub fn is_exact(&self, cell: usize) -> bool {
+        self.slab.has(cell)
+    }
+
+    /// Exact row of one KV head of a cell.
+    ///
+    /// # Safety
+    /// No thread writes the cell during the borrow.
+    pub unsafe fn exact_row(&self, cell: usize, kvh: usize) -> &[f16] {
+        &self.slab.row(cell)[kvh * self.dk..(kvh + 1) * self.dk]
+    }
+
+    /// Free the cell (its sequences are gone).
+    pub fn forget(&mut self, cell: usize) {
+        self.slab.release(cell);
+    }
+
+    /// Encode every exact cell that `keep_exact` does not protect, fitting the online codebook
+    /// first when enough keys have arrived. Returns a line to log when a codebook was fitted.
+    pub fn settle(&mut self, keep_exact: impl Fn(usize) -> bool) -> Result<Option<String>> {
+        let exact: Vec<usize> = (0..self.slab.slot.len()).filter(|&c| self.slab.has(c)).collect();
+        let mut note = None;
+        if let Coded::Pq { dim, centroids, book, .. } = &mut self.coded {
+            if book.is_none() {
+                if exact.len() < self.fit_tokens {
+                    return Ok(None); // keep collecting
+                }
+                let mut data = Vec::with_capacity(exact.len() * self.n_head_kv * self.dk);
+                for &c in &exact {
+                    data.extend(self.slab.row_mut(c).iter().map(|x| x.to_f32()));
+                }
+                let km = KMeans { seed: self.seed, ..KMeans::new(*centroids, *dim) };
+                let t0 = std::time::Instant::now();
+                let b = km.fit(&data, &mut |_, _| {}).map_err(|e| Error::Config(format!("fitting the key codebook: {e}")))?;
+                note = Some(format!(
+                    "fitted an online codebook ({} centroids of {} dims) on {} keys in {:.2} s",
+                    centroids,
+                    dim,
+                    exact.len(),
+                    t0.elapsed().as_secs_f64()
+                ));
+                *book = Some(b);
+            }
+        }
+        if self.is_exact_codec() {
+            return Ok(note);
+        }
+        let mut buf = vec![0f32; self.n_head_kv * self.dk];
+        for c in exact {
+            if keep_exact(c) {
+                continue;
+            }
+            self.slab.row_mut(c).convert_to_f32_slice(&mut buf);
+            self.encode(c, &buf);
+            self.slab.release(c);
+        }
+        Ok(note)
+    }
+
+    fn encode(&mut self, cell: usize, keys: &[f32]) {
+        let row = self.n_head_kv * self.dk;
+        match &mut self.coded {
+            Coded::None => {}
+            Coded::Pq { dim, book, codes, .. } => {
+                let b = book.as_ref().expect("encode runs after the fit");
+                let g = row / *dim;
+                let mut tmp = vec![0u32; g];
+                b.encode(keys, &mut tmp);
+                for (d, s) in codes[cell * g..(cell + 1) * g].iter_mut().zip(&tmp) {
+                    *d = *s as u16;
+                }
+            }
+            Coded::Int { bits, group, codes, scale, zero } => {
+                let levels = ((1u32 << *bits) - 1) as f32;
+                let n_groups = row / *group;
+                for gi in 0..n_groups {
+                    let xs = &keys[gi * *group..(gi + 1) * *group];
+                    let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let s = if hi > lo { (hi - lo) / levels } else { 1.0 };
+                    scale[cell * n_groups + gi] = s;
+                    zero[cell * n_groups + gi] = lo;
+                    for (k, &x) in xs.iter().enumerate() {
+                        let q = ((x - lo) / s).round().clamp(0.0, levels) as u8;
+                        let idx = gi * *group + k;
+                        if *bits == 8 {
+                            codes[cell * row + idx] = q;
+                        } else {
+                            let byte = &mut codes[cell * row / 2 + idx / 2];
+                            *byte = if idx % 2 == 0 { (*byte & 0xf0) | q } else { (*byte & 0x0f) | (q << 4) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconstruct a coded cell's keys (all heads), for tests and state I/O.
+    pub fn decode(&self, cell: usize, out: &mut [f32]) {
+        let row = self.n_head_kv * self.dk;
+        match &self.coded {
+            Coded::None => out.iter_mut().for_each(|x| *x = 0.0),
+            Coded::Pq { dim, book, codes, .. } => {
+                let g = row / *dim;
+                let c: Vec<u32> = codes[cell * g..(cell + 1) * g].iter().map(|&x| x as u32).collect();
+                match book {
+                    Some(b) => b.decode(&c, out),
+                    None => out.iter_mut().for_each(|x| *x = 0.0),
+                }
+            }
+            Coded::Int { bits, group, codes, scale, zero } => {
+                let n_groups = row / *group;
+                for (idx, o) in out.iter_mut().enumerate().take(row) {
+                    let gi = idx / *group;
+                    let q = if *bits == 8 {
+                        codes[cell * row + idx]
+                    } else {
+                        let b = codes[cell * row / 2 + idx / 2];
+                        if idx % 2 == 0 { b & 0x0f } else { b >> 4 }
+                    };
+                    *o = zero[cell * n_groups + gi] + scale[cell * n_groups + gi] * q as f32;
+                }
+            }
+        }
+    }
+
+    /// Build what scoring the `g` query heads of KV head `kvh` needs (`q`: g rows of dk).
+    pub fn prepare(&self, kvh: usize, q: &[f32], g: usize, prep: &mut Prep) {
+        let _ = kvh;
+        prep.q.clear();
+        prep.q.extend_from_slice(&q[..g * self.dk]);
+        match &self.coded {
+            Coded::Pq { book: Some(b), .. } => {
+                let per = (self.dk / b.dim()) * b.len();
+                prep.tables.resize(g * per, 0.0);
+                for h in 0..g {
+                    b.table(&q[h * self.dk..(h + 1) * self.dk], &mut prep.tables[h * per..(h + 1) * per]);
+                }
+            }
+            Coded::Int { group, .. } => {
+                let n = self.dk / *group;
+                prep.qsum.clear();
+                for h in 0..g {
+                    for gi in 0..n {
+                        prep.qsum.push(q[h * self.dk + gi * group..h * self.dk + (gi + 1) * group].iter().sum());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Raw scores <q_h, k_c> of the g query heads against KV head `kvh` of each cell, written
+    /// as out[h * cells.len() + j]. Exact cells use their f16 row, coded ones their codes.
+    ///
+    /// # Safety
+    /// No thread writes these cells during the call.
+    pub unsafe fn scores(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], out: &mut [f32]) {
+        let n = cells.len();
+        let dk = self.dk;
+        prep.exact.resize(dk, 0.0);
+        for (j, &(_, c)) in cells.iter().enumerate() {
+            let c = c as usize;
+            if self.slab.has(c) {
+                self.exact_row(c, kvh).convert_to_f32_slice(&mut prep.exact);
+                for h in 0..g {
+                    out[h * n + j] = dot(&prep.q[h * dk..(h + 1) * dk], &prep.exact);
+                }
+                continue;
+            }
+            match &self.coded {
+                Coded::Pq { book: Some(b), codes, dim, .. } => {
+                    let gs = dk / dim;
+                    let m = b.len();
+                    let per = gs * m;
+                    let row_codes = &codes[(c * self.n_head_kv + kvh) * gs..(c * self.n_head_kv + kvh + 1) * gs];
+                    for h in 0..g {
+                        let t = &prep.tables[h * per..(h + 1) * per];
+                        let mut s = 0.0f32;
+                        for (i, &code) in row_codes.iter().enumerate() {
+                            s += t[i * m + code as usize];
+                        }
+                        out[h * n + j] = s;
+                    }
+                }
+                Coded::Int { bits, group, codes, scale, zero } => {
+                    let row = self.n_head_kv * dk;
+                    let n_groups = row / *group;
+                    let base = kvh * dk;
+                    for h in 0..g {
+                        let qh = &prep.q[h * dk..(h + 1) * dk];
+                        let mut s = 0.0f32;
+                        for gi in 0..dk / *group {
+                            let gg = (base + gi * *group) / *group;
+                            let mut acc = 0.0f32;
+                            for k in 0..*group {
+                                let idx = base + gi * *group + k;
+                                let qv = if *bits == 8 {
+                                    codes[c * row + idx]
+                                } else {
+                                    let b = codes[c * row / 2 + idx / 2];
+                                    if idx % 2 == 0 { b & 0x0f } else { b >> 4 }
+                                };
+                                acc += qh[gi * *group + k] * qv as f32;
+                            }
+                            s += scale[c * n_groups + gg] * acc + zero[c * n_groups + gg] * prep.qsum[h * (dk / *group) + gi];
+                        }
+                        out[h * n + j] = s;
+                    }
+                }
+                // unreachable for a settled store: a PQ cell is encoded only after the fit
+                _ => (0..g).for_each(|h| out[h * n + j] = 0.0),
+            }
+        }
+    }
+
+    /// Raw bytes of one cell's keys for state I/O: a form byte (1 = exact f16 row, 0 = coded),
+    /// then the row or the codes (and scales).
+    pub fn save_cell(&mut self, cell: usize, w: &mut dyn FnMut(&[u8])) {
+        let row = self.n_head_kv * self.dk;
+        if self.slab.has(cell) {
+            w(&[1]);
+            let b: Vec<u8> = self.slab.row_mut(cell).iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+            w(&b);
+            return;
+        }
+        w(&[0]);
+        match &self.coded {
+            Coded::None => {}
+            Coded::Pq { dim, codes, .. } => {
+                let g = row / dim;
+                let b: Vec<u8> = codes[cell * g..(cell + 1) * g].iter().flat_map(|x| x.to_le_bytes()).collect();
+                w(&b);
+            }
+            Coded::Int { bits, group, codes, scale, zero } => {
+                let per = if *bits == 8 { row } else { row / 2 };
+                w(&codes[cell * per..(cell + 1) * per]);
+                let n = row / group;
+                for v in scale[cell * n..(cell + 1) * n].iter().chain(&zero[cell * n..(cell + 1) * n]) {
+                    w(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Inverse of [`save_cell`](Self::save_cell). False when the input ends early or is
+    /// malformed.
+    pub fn load_cell(&mut self, cell: usize, r: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<()> {
+        let short = || Error::State("the saved state ends early".into());
+        let row = self.n_head_kv * self.dk;
+        let mut form = [0u8];
+        if !r(&mut form) {
+            return Err(short());
+        }
+        match form[0] {
+            1 => {
+                let mut b = vec![0u8; row * 2];
+                if !r(&mut b) {
+                    return Err(short());
+                }
+                self.slab.reserve(cell);
+                for (d, s) in self.slab.row_mut(cell).iter_mut().zip(b.chunks_exact(2)) {
+                    *d = f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                }
+                Ok(())
+            }
+            0 => {
+                self.slab.release(cell);
+                match &mut self.coded {
+                    Coded::None => Err(Error::State("a coded cell in an exact store".into())),
+                    Coded::Pq { dim, codes, centroids, book, .. } => {
+                        if book.is_none() {
+                            return Err(Error::State("coded keys without a codebook".into()));
+                        }
+                        let g = row / *dim;
+                        let mut b = vec![0u8; g * 2];
+                        if !r(&mut b) {
+                            return Err(short());
+                        }
+                        for (d, s) in codes[cell * g..(cell + 1) * g].iter_mut().zip(b.chunks_exact(2)) {
+                            *d = u16::from_le_bytes([s[0], s[1]]);
+                            if *d as usize >= *centroids {
+                                return Err(Error::State(format!("code {d} is out of range")));
+                            }
+                        }
+                        Ok(())
+                    }
+                    Coded::Int { bits, group, codes, scale, zero } => {
+                        let per = if *bits == 8 { row } else { row / 2 };
+                        if !r(&mut codes[cell * per..(cell + 1) * per]) {
+                            return Err(short());
+                        }
+                        let n = row / *group;
+                        let mut b = [0u8; 4];
+                        for i in 0..2 * n {
+                            if !r(&mut b) {
+                                return Err(short());
+                            }
+                            let v = f32::from_le_bytes(b);
+                            if i < n { scale[cell * n + i] = v } else { zero[cell * n + i - n] = v }
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            x => Err(Error::State(format!("bad key form byte {x}"))),
+        }
+    }
+
+    pub fn codebook(&self) -> Option<&Codebook> {
+        match &self.coded {
+            Coded::Pq { book, .. } => book.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn exact_cells(&self) -> usize {
+        self.slab.in_use()
+    }
+
+    pub fn row_len(&self) -> usize {
+        self.n_head_kv * self.dk
+    }
+
+    pub fn set_codebook(&mut self, b: Option<Codebook>) -> Result<()> {
+        match &mut self.coded {
+            Coded::Pq { dim, centroids, book, .. } if b.as_ref().is_none_or(|b| b.dim() == *dim && b.len() == *centroids) => {
+                *book = b;
+                Ok(())
+            }
+            _ if b.is_none() => Ok(()),
+            _ => Err(Error::State("the saved codebook does not fit this cache's key codec".into())),
+        }
+    }
+
+    /// Drop every cell (exact rows and the online codebook stay as they are: codes of free
+    /// cells are never read).
+    pub fn forget_all(&mut self) {
+        for c in 0..self.slab.slot.len() {
+            self.slab.release(c);
+        }
+    }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[i * 8 + l] * b[i * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(n: usize, row: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9e3779b97f4a7c15);
+        (0..n * row)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn fill(store: &mut KeyStore, data: &[f32], n: usize) {
+        let row = store.row_len();
+        store.reserve(0..n);
+        for c in 0..n {
+            unsafe { store.write_exact(c, &data[c * row..(c + 1) * row]) };
+        }
+    }
+
+    #[test]
+    fn int_codecs_round_trip_within_half_a_step() {
+        for bits in [8u32, 4] {
+            let (n, heads, dk, group) = (20, 2, 64, 32);
+            let mut st = KeyStore::new(KeyCodec::Int { bits, group }, n, heads, dk, 1, 0).unwrap();
+            let data = keys(n, heads * dk, bits as u64);
+            fill(&mut st, &data, n);
+            st.settle(|_| false).unwrap();
+            assert_eq!(st.exact_cells(), 0);
+            let mut out = vec![0.0; heads * dk];
+            let step = 4.0 / ((1u32 << bits) - 1) as f32;
+            for c in 0..n {
+                st.decode(c, &mut out);
+                for (x, y) in out.iter().zip(&data[c * heads * dk..]) {
+                    // f16 staging adds a little on top of half a quantization step
+                    assert!((x - y).abs() <= step / 2.0 + 2e-3, "{bits} bits: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scores_equal_decode_then_dot() {
+        let (n, heads, dk) = (300, 2, 16);
+        for codec in [KeyCodec::Pq { dim: 2, centroids: 64 }, KeyCodec::Int { bits: 4, group: 8 }, KeyCodec::Int { bits: 8, group: 16 }] {
+            let mut st = KeyStore::new(codec, n, heads, dk, 100, 1).unwrap();
+            let data = keys(n, heads * dk, 3);
+            fill(&mut st, &data, n);
+            // keep cell 5 exact to cover both paths
+            st.settle(|c| c == 5).unwrap();
+            assert!(st.is_exact(5) && !st.is_exact(6));
+            let g = 2;
+            let q = keys(g, dk, 9);
+            let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
+            let mut prep = Prep::default();
+            let mut out = vec![0.0; g * n];
+            for kvh in 0..heads {
+                st.prepare(kvh, &q, g, &mut prep);
+                unsafe { st.scores(kvh, &mut prep, g, &cells, &mut out) };
+                let mut rec = vec![0.0; heads * dk];
+                for c in 0..n {
+                    if c == 5 {
+                        for (r, x) in rec.iter_mut().zip(&data[c * heads * dk..(c + 1) * heads * dk]) {
+                            *r = f16::from_f32(*x).to_f32();
+                        }
+                    } else {
+                        st.decode(c, &mut rec);
+                    }
+                    for h in 0..g {
+                        let want: f32 = q[h * dk..(h + 1) * dk].iter().zip(&rec[kvh * dk..(kvh + 1) * dk]).map(|(a, b)| a * b).sum();
+                        let got = out[h * n + c];
+                        assert!((want - got).abs() <= 1e-3 * (1.0 + want.abs()), "{codec:?} cell {c}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn online_pq_waits_for_fit_tokens_then_encodes() {
+        let (n, heads, dk) = (64, 1, 8);
+        let mut st = KeyStore::new(KeyCodec::Pq { dim: 2, centroids: 16 }, n, heads, dk, 40, 0).unwrap();
+        let data = keys(n, dk, 5);
+        let row = dk;
+        st.reserve(0..30);
+        for c in 0..30 {
+            unsafe { st.write_exact(c, &data[c * row..(c + 1) * row]) };
+        }
+        assert!(st.settle(|_| false).unwrap().is_none());
+        assert_eq!(st.exact_cells(), 30, "too few keys to fit: everything stays exact");
+        st.reserve(30..50);
+        for c in 30..50 {
+            unsafe { st.write_exact(c, &data[c * row..(c + 1) * row]) };
+        }
+        let note = st.settle(|c| c >= 48).unwrap();
+        assert!(note.unwrap().contains("16 centroids"));
+        assert_eq!(st.exact_cells(), 2, "all but the protected cells are coded");
+        assert!(st.codebook().is_some());
+        let before = st.bytes(n);
+        st.forget(48);
+        assert!(st.bytes(n) <= before);
+    }
+
+    #[test]
+    fn codec_needs_a_divisor_of_the_head_dimension() {
+        assert!(KeyStore::new(KeyCodec::Pq { dim: 4, centroids: 16 }, 4, 1, 6, 1, 0).is_err());
+        assert!(KeyStore::new(KeyCodec::Int { bits: 8, group: 32 }, 4, 1, 48, 1, 0).is_err());
+    }
+}
