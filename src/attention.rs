@@ -200,7 +200,7 @@ fn exact_portable<'a>(
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // eight independent partial sums let the compiler vectorise without -ffast-math
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;
@@ -321,9 +321,6 @@ pub struct ApproxScratch {
     sel: Vec<u32>,
     top: crate::select::TopP,
     v: Vec<f32>,
-    /// tokens kept, summed over the heads handled (for statistics)
-    pub kept: usize,
-    pub seen: usize,
 }
 
 /// HCAttention for one query token and the KV heads in `kv_heads`: scores from the key store
@@ -357,7 +354,7 @@ pub fn approximate<'a>(
             // queries rounded to f16 as stock rounds them, so that exact rows score as in stock
             s.q.extend(q(h)[..dk].iter().map(|&x| f16::from_f32(x).to_f32()));
         }
-        keys.prepare(kvh, &s.q, g, &mut s.prep);
+        keys.prepare(&s.q, g, &mut s.prep);
         let p = &mut s.probs[i * g * n..(i + 1) * g * n];
         // SAFETY: the attention op runs after the store op (ggml barrier); nothing writes keys now.
         unsafe { keys.scores(kvh, &mut s.prep, g, cells, p) };
@@ -398,8 +395,6 @@ pub fn approximate<'a>(
             } else {
                 s.top.select(p, a.tau, &mut s.sel)
             };
-            s.kept += s.sel.len();
-            s.seen += n;
             let w = if a.renorm && mass > 0.0 { (1.0 / mass) as f32 } else { 1.0 };
             let oh = &mut o[h * dv..(h + 1) * dv];
             for &j in &s.sel {

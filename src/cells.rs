@@ -31,8 +31,19 @@ impl SeqSet {
     pub fn is_empty(&self) -> bool {
         self.0 == [0; 4]
     }
+    /// The members, in increasing order; visits set bits only.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..MAX_SEQ).filter(move |&s| self.contains(s))
+        self.0.iter().enumerate().flat_map(|(k, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some(k * 64 + b)
+            })
+        })
     }
 }
 
@@ -285,6 +296,18 @@ mod tests {
         }
         let v: Vec<i32> = c.sorted_seq(1).iter().map(|x| x.0).collect();
         assert_eq!(v, vec![1, 3, 5]);
+    }
+
+    #[test]
+    fn seq_set_iterates_its_members_in_order() {
+        let mut s = SeqSet::default();
+        for x in [255, 0, 64, 63, 130] {
+            s.insert(x);
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 63, 64, 130, 255]);
+        s.remove(64);
+        assert_eq!(s.iter().count(), 4);
+        assert!(SeqSet::default().iter().next().is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::cell::UnsafeCell;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::attention::dot;
 use crate::codebook::{Codebook, KMeans};
 use crate::error::{Error, Result};
 use crate::options::{code_bits, KeyCodec};
@@ -112,7 +113,8 @@ pub struct Prep {
 
 enum Coded {
     None,
-    Pq { dim: usize, centroids: usize, book: Option<Codebook>, codes: Vec<u16> },
+    /// `books`: empty until fitted, then one (per layer) or one per group
+    Pq { dim: usize, centroids: usize, per_group: bool, books: Vec<Codebook>, codes: Vec<u16> },
     Int { bits: u32, group: usize, codes: Vec<u8>, scale: Vec<f32>, zero: Vec<f32> },
 }
 
@@ -130,11 +132,11 @@ impl KeyStore {
         let row = n_head_kv * dk;
         let coded = match codec {
             KeyCodec::F16 => Coded::None,
-            KeyCodec::Pq { dim, centroids } => {
+            KeyCodec::Pq { dim, centroids, per_group } => {
                 if dk % dim != 0 {
                     return Err(Error::Config(format!("pq_dim={dim} does not divide the head dimension {dk}")));
                 }
-                Coded::Pq { dim, centroids, book: None, codes: vec![0; n_cells * row / dim] }
+                Coded::Pq { dim, centroids, per_group, books: Vec::new(), codes: vec![0; n_cells * row / dim] }
             }
             KeyCodec::Int { bits, group } => {
                 if dk % group != 0 {
@@ -158,8 +160,8 @@ impl KeyStore {
         let row = self.n_head_kv * self.dk;
         match &self.coded {
             Coded::None => n_cells * row * 2,
-            Coded::Pq { dim, centroids, book, .. } => {
-                n_cells * row / dim * code_bits(*centroids) as usize / 8 + book.as_ref().map_or(0, |b| b.bytes()) + self.slab.bytes()
+            Coded::Pq { dim, centroids, books, .. } => {
+                n_cells * row / dim * code_bits(*centroids) as usize / 8 + books.iter().map(|b| b.bytes()).sum::<usize>() + self.slab.bytes()
             }
             Coded::Int { codes, scale, zero, .. } => codes.len() + (scale.len() + zero.len()) * 4 + self.slab.bytes(),
         }
@@ -202,26 +204,35 @@ impl KeyStore {
     pub fn settle(&mut self, keep_exact: impl Fn(usize) -> bool) -> Result<Option<String>> {
         let exact: Vec<usize> = (0..self.slab.slot.len()).filter(|&c| self.slab.has(c)).collect();
         let mut note = None;
-        if let Coded::Pq { dim, centroids, book, .. } = &mut self.coded {
-            if book.is_none() {
+        if let Coded::Pq { dim, centroids, per_group, books, .. } = &mut self.coded {
+            if books.is_empty() {
                 if exact.len() < self.fit_tokens {
                     return Ok(None); // keep collecting
                 }
-                let mut data = Vec::with_capacity(exact.len() * self.n_head_kv * self.dk);
+                let (dim, dk) = (*dim, self.dk);
+                let groups = if *per_group { dk / dim } else { 1 };
+                // sub-vectors of every head, pooled per group (or all together)
+                let mut data = vec![Vec::with_capacity(exact.len() * self.n_head_kv * dk / groups); groups];
                 for &c in &exact {
-                    data.extend(self.slab.row_mut(c).iter().map(|x| x.to_f32()));
+                    for (i, x) in self.slab.row_mut(c).chunks_exact(dim).enumerate() {
+                        let gi = if groups == 1 { 0 } else { (i * dim % dk) / dim };
+                        data[gi].extend(x.iter().map(|v| v.to_f32()));
+                    }
                 }
-                let km = KMeans { seed: self.seed, ..KMeans::new(*centroids, *dim) };
                 let t0 = std::time::Instant::now();
-                let b = km.fit(&data, &mut |_, _| {}).map_err(|e| Error::Config(format!("fitting the key codebook: {e}")))?;
+                for d in &data {
+                    let km = KMeans { seed: self.seed, ..KMeans::new(*centroids, dim) };
+                    books.push(km.fit(d, &mut |_, _| {}).map_err(|e| Error::Config(format!("fitting the key codebook: {e}")))?);
+                }
                 note = Some(format!(
-                    "fitted an online codebook ({} centroids of {} dims) on {} keys in {:.2} s",
+                    "fitted {} online codebook{} ({} centroids of {} dims) on {} keys in {:.2} s",
+                    groups,
+                    if groups == 1 { "" } else { "s" },
                     centroids,
                     dim,
                     exact.len(),
                     t0.elapsed().as_secs_f64()
                 ));
-                *book = Some(b);
             }
         }
         if self.is_exact_codec() {
@@ -243,13 +254,11 @@ impl KeyStore {
         let row = self.n_head_kv * self.dk;
         match &mut self.coded {
             Coded::None => {}
-            Coded::Pq { dim, book, codes, .. } => {
-                let b = book.as_ref().expect("encode runs after the fit");
+            Coded::Pq { dim, books, codes, .. } => {
                 let g = row / *dim;
-                let mut tmp = vec![0u32; g];
-                b.encode(keys, &mut tmp);
-                for (d, s) in codes[cell * g..(cell + 1) * g].iter_mut().zip(&tmp) {
-                    *d = *s as u16;
+                let per_head = self.dk / *dim;
+                for (i, (d, x)) in codes[cell * g..(cell + 1) * g].iter_mut().zip(keys.chunks_exact(*dim)).enumerate() {
+                    *d = books[if books.len() == 1 { 0 } else { i % per_head }].nearest(x) as u16;
                 }
             }
             Coded::Int { bits, group, codes, scale, zero } => {
@@ -282,12 +291,14 @@ impl KeyStore {
         let row = self.n_head_kv * self.dk;
         match &self.coded {
             Coded::None => out.iter_mut().for_each(|x| *x = 0.0),
-            Coded::Pq { dim, book, codes, .. } => {
+            Coded::Pq { dim, books, codes, .. } => {
                 let g = row / *dim;
-                let c: Vec<u32> = codes[cell * g..(cell + 1) * g].iter().map(|&x| x as u32).collect();
-                match book {
-                    Some(b) => b.decode(&c, out),
-                    None => out.iter_mut().for_each(|x| *x = 0.0),
+                let per_head = self.dk / *dim;
+                for (i, (&code, o)) in codes[cell * g..(cell + 1) * g].iter().zip(out.chunks_exact_mut(*dim)).enumerate() {
+                    match books.get(if books.len() == 1 { 0 } else { i % per_head }) {
+                        Some(b) => o.copy_from_slice(&b.centroids()[code as usize * dim..(code as usize + 1) * dim]),
+                        None => o.iter_mut().for_each(|x| *x = 0.0),
+                    }
                 }
             }
             Coded::Int { bits, group, codes, scale, zero } => {
@@ -306,17 +317,25 @@ impl KeyStore {
         }
     }
 
-    /// Build what scoring the `g` query heads of KV head `kvh` needs (`q`: g rows of dk).
-    pub fn prepare(&self, kvh: usize, q: &[f32], g: usize, prep: &mut Prep) {
-        let _ = kvh;
+    /// Build what scoring `g` query heads needs (`q`: g rows of dk).
+    pub fn prepare(&self, q: &[f32], g: usize, prep: &mut Prep) {
         prep.q.clear();
         prep.q.extend_from_slice(&q[..g * self.dk]);
         match &self.coded {
-            Coded::Pq { book: Some(b), .. } => {
-                let per = (self.dk / b.dim()) * b.len();
+            Coded::Pq { books, dim, centroids, .. } if !books.is_empty() => {
+                let gs = self.dk / dim;
+                let per = gs * centroids;
                 prep.tables.resize(g * per, 0.0);
                 for h in 0..g {
-                    b.table(&q[h * self.dk..(h + 1) * self.dk], &mut prep.tables[h * per..(h + 1) * per]);
+                    let qh = &q[h * self.dk..(h + 1) * self.dk];
+                    let t = &mut prep.tables[h * per..(h + 1) * per];
+                    if books.len() == 1 {
+                        books[0].table(qh, t);
+                    } else {
+                        for (i, b) in books.iter().enumerate() {
+                            b.table(&qh[i * dim..(i + 1) * dim], &mut t[i * centroids..(i + 1) * centroids]);
+                        }
+                    }
                 }
             }
             Coded::Int { group, .. } => {
@@ -351,9 +370,9 @@ impl KeyStore {
                 continue;
             }
             match &self.coded {
-                Coded::Pq { book: Some(b), codes, dim, .. } => {
+                Coded::Pq { books, codes, dim, centroids, .. } if !books.is_empty() => {
                     let gs = dk / dim;
-                    let m = b.len();
+                    let m = *centroids;
                     let per = gs * m;
                     let row_codes = &codes[(c * self.n_head_kv + kvh) * gs..(c * self.n_head_kv + kvh + 1) * gs];
                     for h in 0..g {
@@ -450,8 +469,8 @@ impl KeyStore {
                 self.slab.release(cell);
                 match &mut self.coded {
                     Coded::None => Err(Error::State("a coded cell in an exact store".into())),
-                    Coded::Pq { dim, codes, centroids, book, .. } => {
-                        if book.is_none() {
+                    Coded::Pq { dim, codes, centroids, books, .. } => {
+                        if books.is_empty() {
                             return Err(Error::State("coded keys without a codebook".into()));
                         }
                         let g = row / *dim;
@@ -489,10 +508,11 @@ impl KeyStore {
         }
     }
 
-    pub fn codebook(&self) -> Option<&Codebook> {
+    /// The fitted PQ codebooks (none before the fit, and for other codecs).
+    pub fn codebooks(&self) -> &[Codebook] {
         match &self.coded {
-            Coded::Pq { book, .. } => book.as_ref(),
-            _ => None,
+            Coded::Pq { books, .. } => books,
+            _ => &[],
         }
     }
 
@@ -504,14 +524,18 @@ impl KeyStore {
         self.n_head_kv * self.dk
     }
 
-    pub fn set_codebook(&mut self, b: Option<Codebook>) -> Result<()> {
+    pub fn set_codebooks(&mut self, b: Vec<Codebook>) -> Result<()> {
+        let dk = self.dk;
         match &mut self.coded {
-            Coded::Pq { dim, centroids, book, .. } if b.as_ref().is_none_or(|b| b.dim() == *dim && b.len() == *centroids) => {
-                *book = b;
+            Coded::Pq { dim, centroids, per_group, books, .. }
+                if b.is_empty()
+                    || (b.len() == if *per_group { dk / *dim } else { 1 } && b.iter().all(|x| x.dim() == *dim && x.len() == *centroids)) =>
+            {
+                *books = b;
                 Ok(())
             }
-            _ if b.is_none() => Ok(()),
-            _ => Err(Error::State("the saved codebook does not fit this cache's key codec".into())),
+            _ if b.is_empty() => Ok(()),
+            _ => Err(Error::State("the saved codebooks do not fit this cache's key codec".into())),
         }
     }
 
@@ -522,22 +546,6 @@ impl KeyStore {
             self.slab.release(c);
         }
     }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[i * 8 + l] * b[i * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 #[cfg(test)]
@@ -588,7 +596,12 @@ mod tests {
     #[test]
     fn scores_equal_decode_then_dot() {
         let (n, heads, dk) = (300, 2, 16);
-        for codec in [KeyCodec::Pq { dim: 2, centroids: 64 }, KeyCodec::Int { bits: 4, group: 8 }, KeyCodec::Int { bits: 8, group: 16 }] {
+        for codec in [
+            KeyCodec::Pq { dim: 2, centroids: 64, per_group: false },
+            KeyCodec::Pq { dim: 4, centroids: 32, per_group: true },
+            KeyCodec::Int { bits: 4, group: 8 },
+            KeyCodec::Int { bits: 8, group: 16 },
+        ] {
             let mut st = KeyStore::new(codec, n, heads, dk, 100, 1).unwrap();
             let data = keys(n, heads * dk, 3);
             fill(&mut st, &data, n);
@@ -601,7 +614,7 @@ mod tests {
             let mut prep = Prep::default();
             let mut out = vec![0.0; g * n];
             for kvh in 0..heads {
-                st.prepare(kvh, &q, g, &mut prep);
+                st.prepare(&q, g, &mut prep);
                 unsafe { st.scores(kvh, &mut prep, g, &cells, &mut out) };
                 let mut rec = vec![0.0; heads * dk];
                 for c in 0..n {
@@ -625,7 +638,7 @@ mod tests {
     #[test]
     fn online_pq_waits_for_fit_tokens_then_encodes() {
         let (n, heads, dk) = (64, 1, 8);
-        let mut st = KeyStore::new(KeyCodec::Pq { dim: 2, centroids: 16 }, n, heads, dk, 40, 0).unwrap();
+        let mut st = KeyStore::new(KeyCodec::Pq { dim: 2, centroids: 16, per_group: false }, n, heads, dk, 40, 0).unwrap();
         let data = keys(n, dk, 5);
         let row = dk;
         st.reserve(0..30);
@@ -641,7 +654,7 @@ mod tests {
         let note = st.settle(|c| c >= 48).unwrap();
         assert!(note.unwrap().contains("16 centroids"));
         assert_eq!(st.exact_cells(), 2, "all but the protected cells are coded");
-        assert!(st.codebook().is_some());
+        assert_eq!(st.codebooks().len(), 1);
         let before = st.bytes(n);
         st.forget(48);
         assert!(st.bytes(n) <= before);
@@ -649,7 +662,7 @@ mod tests {
 
     #[test]
     fn codec_needs_a_divisor_of_the_head_dimension() {
-        assert!(KeyStore::new(KeyCodec::Pq { dim: 4, centroids: 16 }, 4, 1, 6, 1, 0).is_err());
+        assert!(KeyStore::new(KeyCodec::Pq { dim: 4, centroids: 16, per_group: false }, 4, 1, 6, 1, 0).is_err());
         assert!(KeyStore::new(KeyCodec::Int { bits: 8, group: 32 }, 4, 1, 48, 1, 0).is_err());
     }
 }

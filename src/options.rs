@@ -9,8 +9,9 @@ use crate::error::{Error, Result};
 pub enum KeyCodec {
     /// Exact half-precision keys.
     F16,
-    /// Product quantization: sub-vectors of `dim` dims, each the index of one of `centroids`.
-    Pq { dim: usize, centroids: usize },
+    /// Product quantization: sub-vectors of `dim` dims, each the index of one of `centroids`;
+    /// one codebook per layer shared by its heads and groups, or one per group (`per_group`).
+    Pq { dim: usize, centroids: usize, per_group: bool },
     /// Scalar quantization in groups of `group` channels with a scale and a zero point.
     Int { bits: u32, group: usize },
 }
@@ -20,7 +21,7 @@ impl KeyCodec {
     pub fn bits_per_dim(&self) -> f64 {
         match *self {
             KeyCodec::F16 => 16.0,
-            KeyCodec::Pq { dim, centroids } => code_bits(centroids) as f64 / dim as f64,
+            KeyCodec::Pq { dim, centroids, .. } => code_bits(centroids) as f64 / dim as f64,
             KeyCodec::Int { bits, group } => bits as f64 + 32.0 / group as f64,
         }
     }
@@ -85,6 +86,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ("pq_centroids", "8192", "16 to 65536", "centroids per PQ codebook; up to 256 gives 8-bit codes (keys=pq)"),
     ("int_group", "32", "8 to 256, a divisor of the head dimension", "channels sharing a scale and zero point (keys=int8/int4)"),
     ("codebook", "online", "online", "where PQ codebooks come from: fitted per layer from the first keys"),
+    ("codebook_scope", "layer", "layer, group", "one PQ codebook per layer (shared by heads and groups) or one per group"),
     ("fit_tokens", "256", "1 or more", "keys a layer collects (exact) before its online codebook is fitted"),
     ("seed", "0", "an integer", "seed of the k-means fit"),
     ("tau", "1", "(0, 1]", "attention mass the selected tokens must cover (1 = every token)"),
@@ -131,6 +133,7 @@ impl Options {
         let mut pq_dim = 2;
         let mut pq_centroids = 8192;
         let mut int_group = 32;
+        let mut per_group = false;
         let mut keys = "f16".to_string();
         let mut explicit = Vec::new();
         for (k, v) in &items {
@@ -176,6 +179,13 @@ impl Options {
                         return Err(bad(key, format!("'{value}': codebook files are not supported yet; accepted: online")));
                     }
                 }
+                "codebook_scope" => {
+                    per_group = match value {
+                        "layer" => false,
+                        "group" => true,
+                        _ => return Err(bad(key, format!("unknown value '{value}'; accepted: layer, group"))),
+                    }
+                }
                 "fit_tokens" => {
                     o.fit_tokens = parse_usize(key, value, "1 or more")?;
                     if o.fit_tokens == 0 {
@@ -213,7 +223,7 @@ impl Options {
             }
         }
         o.keys = match keys.as_str() {
-            "pq" => KeyCodec::Pq { dim: pq_dim, centroids: pq_centroids },
+            "pq" => KeyCodec::Pq { dim: pq_dim, centroids: pq_centroids, per_group },
             "int8" => KeyCodec::Int { bits: 8, group: int_group },
             "int4" => KeyCodec::Int { bits: 4, group: int_group },
             _ => KeyCodec::F16,
@@ -268,13 +278,16 @@ mod tests {
     #[test]
     fn presets_expand_and_explicit_keys_override_them() {
         let o = Options::parse("preset=12.5").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 4, centroids: 8192 });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 4, centroids: 8192, per_group: false });
         assert_eq!(o.tau, 0.9);
         let o = Options::parse("tau=0.95,preset=25").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192 });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192, per_group: false });
         assert_eq!(o.tau, 0.95, "an explicit key before the preset still wins");
         let o = Options::parse("preset=cpu12.5,pq_centroids=512").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512 });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, per_group: false });
+        let o = Options::parse("codebook_scope=group,preset=cpu25").unwrap();
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 1, centroids: 256, per_group: true });
+        assert!(Options::parse("codebook_scope=model").unwrap_err().to_string().contains("accepted: layer, group"));
         for (name, _) in PRESETS {
             Options::parse(&format!("preset={name}")).unwrap();
         }

@@ -1,8 +1,8 @@
 //! Saving and restoring the cache (llama_state_* and llama_state_seq_*).
 //!
 //! Layout, little-endian: `"HCKV"`, version u32, the key codec as a length-prefixed string,
-//! n_layers u32, per layer (il, n_head_kv, dk, dv) u32 and its codebook (centroid count u32,
-//! dims u32, centroids f32; count 0 = none); whole u8 (1 = every sequence, with sequence sets;
+//! n_layers u32, per layer (il, n_head_kv, dk, dv) u32 and its codebooks (count u32, then per
+//! codebook its centroid count u32, dims u32 and centroids f32); whole u8 (1 = every sequence, with sequence sets;
 //! 0 = one sequence); n_cells u32; per cell pos i32 (+ sequence set as 4 u64 when whole); then
 //! per layer, per saved cell, its keys as the key store writes them and its value row (f16).
 //! The writer emits the same bytes for the same cache (llama.cpp counts before it writes).
@@ -39,17 +39,12 @@ pub fn write(be: &mut Backend, seq: i32, w: &mut dyn FnMut(&[u8])) -> Result<()>
         for x in [d.il, d.n_head_kv, d.dk, d.dv] {
             w(&(x as u32).to_le_bytes());
         }
-        match keys.codebook() {
-            Some(b) => {
-                w(&(b.len() as u32).to_le_bytes());
-                w(&(b.dim() as u32).to_le_bytes());
-                let bytes: Vec<u8> = b.centroids().iter().flat_map(|x| x.to_le_bytes()).collect();
-                w(&bytes);
-            }
-            None => {
-                w(&0u32.to_le_bytes());
-                w(&0u32.to_le_bytes());
-            }
+        w(&(keys.codebooks().len() as u32).to_le_bytes());
+        for b in keys.codebooks() {
+            w(&(b.len() as u32).to_le_bytes());
+            w(&(b.dim() as u32).to_le_bytes());
+            let bytes: Vec<u8> = b.centroids().iter().flat_map(|x| x.to_le_bytes()).collect();
+            w(&bytes);
         }
     }
     w(&[matches!(seqs, Seqs::All) as u8]);
@@ -160,20 +155,24 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
                 "saved layer shape (il, kv heads, dk, dv) = {got:?} does not match this cache's {want:?}"
             )));
         }
-        let (count, dim) = (read_u32(r)? as usize, read_u32(r)? as usize);
-        if count == 0 {
-            books.push(None);
-            continue;
+        let n_books = read_u32(r)? as usize;
+        if n_books > d.dk {
+            return Err(Error::State(format!("malformed state: {n_books} codebooks for head dimension {}", d.dk)));
         }
-        if count > 65536 || !(1..=8).contains(&dim) {
-            return Err(Error::State(format!("malformed codebook ({count} centroids of {dim} dims)")));
+        let mut layer_books = Vec::with_capacity(n_books);
+        for _ in 0..n_books {
+            let (count, dim) = (read_u32(r)? as usize, read_u32(r)? as usize);
+            if !(1..=65536).contains(&count) || !(1..=8).contains(&dim) {
+                return Err(Error::State(format!("malformed codebook ({count} centroids of {dim} dims)")));
+            }
+            let mut b = vec![0u8; count * dim * 4];
+            if !r(&mut b) {
+                return Err(short());
+            }
+            let c: Vec<f32> = b.chunks_exact(4).map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])).collect();
+            layer_books.push(Codebook::new(dim, c).map_err(|e| Error::State(format!("codebook: {e}")))?);
         }
-        let mut b = vec![0u8; count * dim * 4];
-        if !r(&mut b) {
-            return Err(short());
-        }
-        let c: Vec<f32> = b.chunks_exact(4).map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])).collect();
-        books.push(Some(Codebook::new(dim, c).map_err(|e| Error::State(format!("codebook: {e}")))?));
+        books.push(layer_books);
     }
     let mut whole = [0u8; 1];
     if !r(&mut whole) {
@@ -198,13 +197,15 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
         }
     }
     for ((_, keys, _), b) in layers.iter_mut().zip(books) {
-        // a one-sequence restore into a cache that fitted its own codebook keeps that one only
-        // if they agree; codes are meaningless under another codebook
-        if target != Seqs::All && keys.codebook().is_some() && b.is_some() && keys.codebook().map(|x| x.centroids()) != b.as_ref().map(|x| x.centroids()) {
-            return Err(Error::State("the saved sequence was coded with another codebook than this cache's".into()));
+        // a one-sequence restore into a cache that fitted its own codebooks works only if they
+        // agree: codes are meaningless under other codebooks
+        let mine = keys.codebooks();
+        let same = mine.len() == b.len() && mine.iter().zip(&b).all(|(x, y)| x.centroids() == y.centroids());
+        if target != Seqs::All && !mine.is_empty() && !b.is_empty() && !same {
+            return Err(Error::State("the saved sequence was coded with other codebooks than this cache's".into()));
         }
-        if target == Seqs::All || keys.codebook().is_none() {
-            keys.set_codebook(b)?;
+        if target == Seqs::All || mine.is_empty() {
+            keys.set_codebooks(b)?;
         }
     }
 

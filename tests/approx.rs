@@ -55,6 +55,7 @@ fn quality_of_each_mode_against_stock_f16() {
         ("keys=int4", 0.1, 0.9),
         ("preset=cpu25", 0.05, 0.9),
         ("preset=cpu12.5", 0.5, 0.75),
+        ("preset=cpu12.5,codebook_scope=group", 0.2, 0.9),
     ];
     for (opts, max_kld, min_top1) in modes {
         let o = ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some(opts.into()), ..base.clone() };

@@ -92,7 +92,7 @@ fn refused(model: &str, extra: &[&str], want: &[&str]) {
 
 #[test]
 fn unknown_option_key_is_refused() {
-    refused("llama-dense.gguf", &["--kv-backend", "hc", "--kv-backend-opts", "bogus=1"], &["option 'bogus'", "known options: keys, tau"]);
+    refused("llama-dense.gguf", &["--kv-backend", "hc", "--kv-backend-opts", "bogus=1"], &["option 'bogus'", "known options: preset, keys, pq_dim"]);
 }
 
 #[test]
