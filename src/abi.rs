@@ -349,6 +349,8 @@ unsafe extern "C" fn memory_usage(be: *mut c_void, usage: *mut sys::llama_kv_mem
             out.host_bytes = u.host;
             out.device_bytes = u.device;
             out.file_bytes = u.file;
+            out.fast_bytes = u.fast;
+            out.codebook_bytes = u.codebooks;
         }
         Ok(())
     })

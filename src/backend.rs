@@ -47,12 +47,15 @@ pub struct Token {
     pub seqs: SeqSet,
 }
 
-/// Bytes held per tier.
+/// Bytes held: where (host, device, file) and what (the fast key tier, codebooks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub host: usize,
     pub device: usize,
     pub file: usize,
+    /// keys and codebooks (part of host on a CPU-only build)
+    pub fast: usize,
+    pub codebooks: usize,
 }
 
 /// Strided read access to one of the op's input tensors: `[len, heads, tokens]` F32.
@@ -165,8 +168,10 @@ impl Backend {
     }
 
     pub fn usage(&self) -> Usage {
-        let bytes: usize = self.layers.iter().map(|l| l.keys.bytes(self.cfg.n_ctx) + l.vals.bytes()).sum();
-        Usage { host: bytes, device: 0, file: 0 }
+        let fast: usize = self.layers.iter().map(|l| l.keys.bytes(self.cfg.n_ctx)).sum();
+        let codebooks: usize = self.layers.iter().map(|l| l.keys.codebooks().iter().map(|b| b.bytes()).sum::<usize>()).sum();
+        let values: usize = self.layers.iter().map(|l| l.vals.bytes()).sum();
+        Usage { host: fast + values, device: 0, file: 0, fast, codebooks }
     }
 
     /// Drop the stored rows of cells whose sequences are all gone.
@@ -476,5 +481,49 @@ impl Backend {
         self.plan = Plan::default();
         let layers = self.layers.iter_mut().map(|l| (&l.desc, &mut l.keys, &mut l.vals)).collect();
         (&self.cfg, &mut self.cells, layers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(opts: &str) -> Config {
+        let layer = LayerDesc { il: 0, n_head: 4, n_head_kv: 2, dk: 64, dv: 64, window: Window::None };
+        Config {
+            arch: "test".into(),
+            n_ctx: 1024,
+            n_ctx_seq: 1024,
+            n_seq_max: 1,
+            n_ubatch: 32,
+            kv_unified: false,
+            no_alloc: false,
+            layers: vec![layer],
+            options: Options::parse(opts).unwrap(),
+        }
+    }
+
+    #[test]
+    fn usage_reports_the_fast_tier_share_of_the_f16_cache() {
+        let stock = 1024 * 2 * (64 + 64) * 2;
+        let u = Backend::new(config("")).unwrap().usage();
+        assert_eq!((u.fast * 2, u.host, u.codebooks), (stock, stock, 0));
+        for (preset, share) in [("cpu25", 4), ("cpu12.5", 8)] {
+            // codes only: no exact rows are held before the first ubatch
+            let u = Backend::new(config(&format!("preset={preset}"))).unwrap().usage();
+            assert_eq!(u.fast * share, stock, "{preset}");
+            assert_eq!(u.host, u.fast + stock / 2, "{preset}: values stay f16 in the host tier");
+        }
+    }
+
+    #[test]
+    fn layers_must_have_a_valid_head_shape() {
+        let mut c = config("");
+        c.layers[0].n_head = 3;
+        assert!(Backend::new(c).err().unwrap().to_string().contains("unsupported head shape"));
+        let c = config("keys=pq,pq_dim=8,int_group=24");
+        assert!(Backend::new(c).is_ok());
+        let c = config("keys=int8,int_group=24");
+        assert!(Backend::new(c).err().unwrap().to_string().contains("int_group=24"));
     }
 }

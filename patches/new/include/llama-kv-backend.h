@@ -107,11 +107,14 @@ struct llama_kv_attn_call {
 typedef void (*llama_kv_write_fn)(void * io, const void * src, size_t n);
 typedef bool (*llama_kv_read_fn) (void * io, void * dst, size_t n);
 
-// Memory held by the backend, per tier.
+// Memory held by the backend. host/device/file say where the bytes are; fast and codebook say
+// what part of them is the fast (key) tier, wherever it lives.
 struct llama_kv_memory_usage {
-    size_t host_bytes;      // host memory (keys and values on a CPU-only build)
-    size_t device_bytes;    // accelerator memory (the fast tier on a GPU)
+    size_t host_bytes;      // host memory in all (keys and values on a CPU-only build)
+    size_t device_bytes;    // accelerator memory in all (the fast tier on a GPU)
     size_t file_bytes;      // memory-mapped file tier
+    size_t fast_bytes;      // the fast tier: keys (codes, exact rows) and codebooks
+    size_t codebook_bytes;  // of which codebooks
 };
 
 // Status codes returned by the table's functions.

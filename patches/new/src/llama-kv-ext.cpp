@@ -325,6 +325,7 @@ llama_kv_ext::llama_kv_ext(const llama_model & model, const llama_cparams & cpar
     if (!be) {
         throw std::runtime_error(std::string("KV backend '") + iface->name + "': " + (err[0] ? err : "creation failed"));
     }
+    n_cells = cfg.n_ctx;
     LLAMA_LOG_INFO("%s: KV backend '%s' serves %d layers, %u cells (%u per sequence, %u sequences%s), options '%s'\n",
             __func__, iface->name, cfg.n_layer_kv, cfg.n_ctx, cfg.n_ctx_seq, cfg.n_seq_max,
             cfg.kv_unified ? ", unified" : "", opts.c_str());
@@ -359,8 +360,18 @@ std::string llama_kv_ext::last_error() const {
 void llama_kv_ext::log_usage(const char * when) const {
     llama_kv_memory_usage u = {};
     iface->memory_usage(be, &u);
-    LLAMA_LOG_INFO("%s: KV backend '%s' %s: host %.2f MiB, device %.2f MiB, file %.2f MiB\n", __func__, iface->name, when,
-            u.host_bytes / 1048576.0, u.device_bytes / 1048576.0, u.file_bytes / 1048576.0);
+    // what the stock cache would take for the same context: f16 K and V for every cell
+    double stock = 0.0;
+    for (const auto & d : layers) {
+        stock += (double) n_cells * d.n_head_kv * (d.n_embd_head_k + d.n_embd_head_v) * 2.0;
+    }
+    const double mib = 1048576.0;
+    const double pct = stock > 0 ? 100.0 / stock : 0.0;
+    const size_t values = u.host_bytes + u.device_bytes - u.fast_bytes;
+    LLAMA_LOG_INFO("%s: KV backend '%s' %s: fast tier (keys) %.2f MiB = %.1f%% of the f16 cache (codebooks %.2f MiB), "
+            "values %.2f MiB = %.1f%%, file tier %.2f MiB = %.1f%%; host %.2f MiB, device %.2f MiB\n",
+            __func__, iface->name, when, u.fast_bytes / mib, u.fast_bytes * pct, u.codebook_bytes / mib,
+            values / mib, values * pct, u.file_bytes / mib, u.file_bytes * pct, u.host_bytes / mib, u.device_bytes / mib);
 }
 
 llama_memory_context_ptr llama_kv_ext::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {

@@ -65,6 +65,7 @@ public:
 private:
     std::vector<llama_kv_layer_desc> layers;
     std::vector<std::string> layer_devices;
+    uint32_t n_cells = 0;
     mutable std::atomic<bool> op_error{false};
 
     std::string last_error() const;
