@@ -11,7 +11,7 @@ use crate::attention::{self, Approx, ApproxScratch, Scale, Scratch, Window};
 use crate::cells::{Cells, SeqSet, Seqs};
 use crate::error::{Error, Result};
 use crate::keys::KeyStore;
-use crate::options::{Options, Select};
+use crate::options::{Options, Prefill, Select};
 use crate::rows::Rows;
 
 /// One attention layer as llama.cpp describes it.
@@ -188,10 +188,15 @@ impl Backend {
     }
 
     /// Encode the keys that need not stay exact any more (the previous ubatch's, and the
-    /// online codebooks' first keys once there are enough). Returns how many layers fitted a
-    /// codebook now.
-    fn settle(&mut self) -> Result<usize> {
+    /// online codebooks' first keys once there are enough). With prefill=exact nothing is
+    /// encoded while a prompt is being processed (`prompt`: the next ubatch holds several
+    /// tokens of one sequence), so a prompt attends to itself exactly and an online codebook
+    /// is fitted on the whole first prompt. Returns how many layers fitted a codebook now.
+    fn settle(&mut self, prompt: bool) -> Result<usize> {
         if self.layers.iter().all(|l| l.keys.is_exact_codec()) {
+            return Ok(0);
+        }
+        if prompt && self.cfg.options.prefill == Prefill::Exact {
             return Ok(0);
         }
         let (sink, recent) = (self.cfg.options.sink as i32, self.cfg.options.recent as i32);
@@ -273,7 +278,13 @@ impl Backend {
             return Err(Error::Request(format!("{} tokens do not fit in {} free cells", tokens.len(), self.cells.n_free())));
         }
         self.sweep();
-        self.settle()?;
+        let mut seen = SeqSet::default();
+        let prompt = tokens.iter().any(|t| {
+            let again = seen.contains(t.seq0);
+            seen.insert(t.seq0);
+            again
+        });
+        self.settle(prompt)?;
         let mut plan = Plan::default();
         let mut list_of_seq: Vec<Option<u32>> = vec![None; self.cells.seq_limit()];
         for t in tokens {
@@ -514,6 +525,53 @@ mod tests {
             assert_eq!(u.fast * share, stock, "{preset}");
             assert_eq!(u.host, u.fast + stock / 2, "{preset}: values stay f16 in the host tier");
         }
+    }
+
+    /// Keys and values of a ubatch, as the store op sees them.
+    struct Rowz(Vec<f32>, usize, usize);
+    impl Input for Rowz {
+        fn row(&self, t: usize, h: usize) -> &[f32] {
+            let (heads, d) = (self.1, self.2);
+            &self.0[(t * heads + h) * d..(t * heads + h + 1) * d]
+        }
+    }
+
+    fn feed(be: &mut Backend, from: i32, n: usize) {
+        let toks: Vec<Token> = (0..n).map(|i| Token { pos: from + i as i32, seq0: 0, seqs: SeqSet::one(0) }).collect();
+        be.apply(&toks).unwrap();
+        let data: Vec<f32> = (0..n * 2 * 64).map(|i| ((i * 7919 + from as usize * 31) % 1000) as f32 / 500.0 - 1.0).collect();
+        let kv = Rowz(data, 2, 64);
+        let call = Call {
+            il: 0,
+            n_tokens: n,
+            causal: true,
+            scale: Scale { kq_scale: 0.125, softcap: 0.0 },
+            q: None,
+            k: &kv,
+            v: &kv,
+            sinks: None,
+            out: None,
+        };
+        be.store(&call, 0, 1).unwrap();
+    }
+
+    #[test]
+    fn prefill_exact_encodes_only_when_generation_starts() {
+        let opts = "keys=pq,pq_dim=2,pq_centroids=16,fit_tokens=16";
+        let mut be = Backend::new(config(&format!("{opts},prefill=exact"))).unwrap();
+        feed(&mut be, 0, 20);
+        feed(&mut be, 20, 20);
+        assert!(be.layers[0].keys.codebooks().is_empty(), "no fit while the prompt is processed");
+        assert_eq!(be.layers[0].keys.exact_cells(), 40);
+        feed(&mut be, 40, 1);
+        assert_eq!(be.layers[0].keys.codebooks().len(), 1, "fitted on the whole prompt");
+        assert_eq!(be.layers[0].keys.exact_cells(), 1, "only the new token is exact");
+
+        let mut be = Backend::new(config(&format!("{opts},prefill=coded"))).unwrap();
+        feed(&mut be, 0, 20);
+        feed(&mut be, 20, 20);
+        assert_eq!(be.layers[0].keys.codebooks().len(), 1, "fitted after the first ubatch");
+        assert_eq!(be.layers[0].keys.exact_cells(), 20, "only the newest ubatch is exact");
     }
 
     #[test]

@@ -45,6 +45,15 @@ pub enum Select {
     Head,
 }
 
+/// When a prompt's keys are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// kept exact while a prompt is processed, encoded when generation starts (the paper's)
+    Exact,
+    /// encoded after each ubatch: later ubatches of a prompt see earlier ones through codes
+    Coded,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     pub keys: KeyCodec,
@@ -61,6 +70,7 @@ pub struct Options {
     pub fit_tokens: usize,
     /// Seed of the k-means fit.
     pub seed: u64,
+    pub prefill: Prefill,
 }
 
 impl Default for Options {
@@ -74,6 +84,7 @@ impl Default for Options {
             sink: 0,
             fit_tokens: 256,
             seed: 0,
+            prefill: Prefill::Exact,
         }
     }
 }
@@ -89,6 +100,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ("codebook_scope", "layer", "layer, group", "one PQ codebook per layer (shared by heads and groups) or one per group"),
     ("fit_tokens", "256", "1 or more", "keys a layer collects (exact) before its online codebook is fitted"),
     ("seed", "0", "an integer", "seed of the k-means fit"),
+    ("prefill", "exact", "exact, coded", "a prompt's keys stay exact until generation starts, or are encoded after each ubatch"),
     ("tau", "1", "(0, 1]", "attention mass the selected tokens must cover (1 = every token)"),
     ("select", "layer", "layer, head", "one k per layer (max over heads, 1% grid) or per head"),
     ("renorm", "0", "0, 1", "divide the value sum by the selected mass"),
@@ -98,14 +110,15 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
 
 /// Presets: (name, the options string it stands for). The paper's 50/25/12.5 are fast-tier
 /// fractions of the f16 cache with values in the host tier; the cpu* ones have the same key
-/// bits with 256-centroid (8-bit code) books, whose tables are far cheaper on a CPU.
+/// bits with 256-centroid (8-bit code) books, whose tables are far cheaper on a CPU; the
+/// codebook scope of each is the one measured better (README).
 pub const PRESETS: &[(&str, &str)] = &[
     ("exact", "keys=f16,tau=1"),
     ("50", "keys=f16,tau=0.9"),
     ("25", "keys=pq,pq_dim=2,pq_centroids=8192,tau=0.9"),
     ("12.5", "keys=pq,pq_dim=4,pq_centroids=8192,tau=0.9"),
     ("cpu25", "keys=pq,pq_dim=1,pq_centroids=256,tau=0.9"),
-    ("cpu12.5", "keys=pq,pq_dim=2,pq_centroids=256,tau=0.9"),
+    ("cpu12.5", "keys=pq,pq_dim=2,pq_centroids=256,codebook_scope=group,tau=0.9"),
 ];
 
 fn bad(key: &str, problem: impl Into<String>) -> Error {
@@ -214,6 +227,13 @@ impl Options {
                         _ => return Err(bad(key, format!("'{value}'; accepted: 0, 1"))),
                     }
                 }
+                "prefill" => {
+                    o.prefill = match value {
+                        "exact" => Prefill::Exact,
+                        "coded" => Prefill::Coded,
+                        _ => return Err(bad(key, format!("unknown value '{value}'; accepted: exact, coded"))),
+                    }
+                }
                 "recent" => o.recent = parse_usize(key, value, "0 or more")?,
                 "sink" => o.sink = parse_usize(key, value, "0 or more")?,
                 _ => {
@@ -284,7 +304,7 @@ mod tests {
         assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192, per_group: false });
         assert_eq!(o.tau, 0.95, "an explicit key before the preset still wins");
         let o = Options::parse("preset=cpu12.5,pq_centroids=512").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, per_group: false });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, per_group: true });
         let o = Options::parse("codebook_scope=group,preset=cpu25").unwrap();
         assert_eq!(o.keys, KeyCodec::Pq { dim: 1, centroids: 256, per_group: true });
         assert!(Options::parse("codebook_scope=model").unwrap_err().to_string().contains("accepted: layer, group"));
@@ -300,6 +320,19 @@ mod tests {
             let o = Options::parse(&format!("preset={name}")).unwrap();
             let frac = o.keys.bits_per_dim() / 16.0 / 2.0;
             assert!((frac - share).abs() < 1e-9, "{name}: {frac}");
+        }
+    }
+
+    #[test]
+    fn readme_documents_every_key_and_preset() {
+        let readme = include_str!("../README.md");
+        for (key, default, _, _) in KEYS {
+            let row = format!("| `{key}` | `{default}` |");
+            assert!(readme.contains(&row), "README's options table lacks {row}");
+        }
+        for (name, expansion) in PRESETS {
+            let row = format!("| `{name}` | `{expansion}`");
+            assert!(readme.contains(&row), "README's presets table lacks {row}");
         }
     }
 

@@ -50,12 +50,13 @@ fn quality_of_each_mode_against_stock_f16() {
     eprintln!("{:28} mean KLD {:.4}  top-1 {:.3}", "stock q4_0", q4.0, q4.1);
     // (options, mean KLD bound, top-1 bound)
     let modes = [
-        ("preset=50", 0.05, 0.9),
-        ("keys=int8", 0.01, 0.95),
-        ("keys=int4", 0.1, 0.9),
-        ("preset=cpu25", 0.05, 0.9),
-        ("preset=cpu12.5", 0.5, 0.75),
-        ("preset=cpu12.5,codebook_scope=group", 0.2, 0.9),
+        ("preset=50", 0.03, 0.95),
+        ("keys=int8", 0.005, 0.95),
+        ("keys=int4", 0.04, 0.95),
+        ("preset=cpu25", 0.03, 0.95),
+        ("preset=cpu12.5", 0.05, 0.95),
+        ("preset=cpu12.5,codebook_scope=layer", 0.08, 0.95),
+        ("preset=cpu12.5,prefill=coded", 0.2, 0.9),
     ];
     for (opts, max_kld, min_top1) in modes {
         let o = ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some(opts.into()), ..base.clone() };
