@@ -256,10 +256,7 @@ fn with_call(h: &Handle, c: &sys::llama_kv_attn_call, with_q: bool, f: impl FnOn
     let il = c.il.max(0) as usize;
     let d = h
         .be
-        .config()
-        .layers
-        .iter()
-        .find(|d| d.il == il)
+        .layer_desc(il)
         .ok_or_else(|| Error::Request(format!("layer {} is not served by this backend", c.il)))?;
     let k = Strided { base: c.k as *const u8, nb1: c.k_nb1, nb2: c.k_nb2, len: d.dk };
     let v = Strided { base: c.v as *const u8, nb1: c.v_nb1, nb2: c.v_nb2, len: d.dv };

@@ -200,9 +200,10 @@ impl Backend {
             return Ok(0);
         }
         let (sink, recent) = (self.cfg.options.sink as i32, self.cfg.options.recent as i32);
-        // the newest position of each sequence, for the recent window
-        let mut newest = vec![-1i32; self.cells.seq_limit()];
-        for c in 0..self.cells.len() {
+        // the newest position of each sequence, for the recent window (apply runs this per
+        // ubatch, so skip the scan of every cell when there is no window)
+        let mut newest = vec![-1i32; if recent > 0 { self.cells.seq_limit() } else { 0 }];
+        for c in 0..if recent > 0 { self.cells.len() } else { 0 } {
             if self.cells.is_used(c) {
                 for s in self.cells.seqs(c).iter() {
                     newest[s] = newest[s].max(self.cells.pos(c));
@@ -212,7 +213,7 @@ impl Backend {
         let cells = &self.cells;
         let keep = |c: usize| {
             let p = cells.pos(c);
-            p < sink || cells.seqs(c).iter().any(|s| p > newest[s] - recent)
+            p < sink || (recent > 0 && cells.seqs(c).iter().any(|s| p > newest[s] - recent))
         };
         let mut fitted = 0;
         let mut note = String::new();
@@ -305,6 +306,11 @@ impl Backend {
         }
         self.plan = plan;
         Ok(())
+    }
+
+    /// The description of model layer `il`, when this backend serves it.
+    pub fn layer_desc(&self, il: usize) -> Option<&LayerDesc> {
+        self.layer(il).ok().map(|l| &l.desc)
     }
 
     fn layer(&self, il: usize) -> Result<&Layer> {

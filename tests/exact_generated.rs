@@ -17,7 +17,7 @@ fn check(arch: &str) {
     let prompt = tokens(150, model.n_vocab(), 7);
     let base = ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, ..Default::default() };
     let mut stock = Context::new(&model, &base).unwrap();
-    let mut hc = Context::new(&model, &ContextOptions { ..hc_with(&base) }).unwrap();
+    let mut hc = Context::new(&model, &with_hc(&base)).unwrap();
     let (t_stock, l_stock) = greedy(&mut stock, &prompt, 64);
     let (t_hc, l_hc) = greedy(&mut hc, &prompt, 64);
     let mut worst = 0.0f64;
@@ -27,11 +27,6 @@ fn check(arch: &str) {
     eprintln!("{arch}: worst logits NMSE {worst:.3e} over {} steps", l_stock.len());
     assert_eq!(t_stock, t_hc, "{arch}: greedy tokens differ");
     assert!(worst < NMSE_MAX, "{arch}: logits NMSE {worst:e} above {NMSE_MAX:e}");
-}
-
-pub fn hc_with(base: &ContextOptions) -> ContextOptions {
-    let h = hc();
-    ContextOptions { kv_backend: h.kv_backend, kv_backend_opts: h.kv_backend_opts, ..base.clone() }
 }
 
 #[test]
@@ -64,7 +59,7 @@ fn every_generated_architecture_matches_or_is_refused() {
         let model = load(f);
         let base = ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, ..Default::default() };
         let Ok(mut stock) = Context::new(&model, &base) else { continue };
-        let hc = Context::new(&model, &hc_with(&base));
+        let hc = Context::new(&model, &with_hc(&base));
         match hc {
             Ok(mut hc) => {
                 let prompt = tokens(80, model.n_vocab(), 3);

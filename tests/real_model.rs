@@ -24,8 +24,7 @@ fn smollm2_2k_prompt_matches_stock() {
     assert!(prompt.len() >= 2048, "the text gives only {} tokens", prompt.len());
     prompt.truncate(2048);
     let base = ContextOptions { n_ctx: 2048 + 128, n_batch: 2048, n_ubatch: 512, ..Default::default() };
-    let h = hc();
-    let hco = ContextOptions { kv_backend: h.kv_backend, kv_backend_opts: h.kv_backend_opts, ..base.clone() };
+    let hco = with_hc(&base);
     let nofa = ContextOptions { flash_attn: Some(false), ..base.clone() };
 
     let (t_stock, l_stock) = greedy(&mut Context::new(&model, &base).unwrap(), &prompt, 64);

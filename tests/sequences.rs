@@ -12,11 +12,6 @@ fn opts(n_seq: u32, unified: bool) -> ContextOptions {
     ContextOptions { n_ctx: 256 * n_seq, n_batch: 512, n_ubatch: 32, n_seq_max: n_seq, kv_unified: unified, ..Default::default() }
 }
 
-fn with_hc(o: &ContextOptions) -> ContextOptions {
-    let h = hc();
-    ContextOptions { kv_backend: h.kv_backend, kv_backend_opts: h.kv_backend_opts, ..o.clone() }
-}
-
 /// Decode one batch where each entry (seq, pos, token) wants logits; returns them in order.
 fn step(ctx: &mut Context, items: &[(i32, i32, i32)]) -> Vec<Vec<f32>> {
     let mut b = Batch::default();

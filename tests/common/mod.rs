@@ -62,8 +62,9 @@ pub fn text() -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-pub fn hc() -> ContextOptions {
-    ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some("keys=f16,tau=1".into()), ..Default::default() }
+/// `base` with the hc backend in exact mode.
+pub fn with_hc(base: &ContextOptions) -> ContextOptions {
+    ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some("keys=f16,tau=1".into()), ..base.clone() }
 }
 
 pub fn register() {
