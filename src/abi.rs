@@ -160,6 +160,8 @@ fn config_from_c(cfg: &sys::llama_kv_backend_config) -> Result<Config> {
         n_ubatch: cfg.n_ubatch as usize,
         kv_unified: cfg.kv_unified,
         no_alloc: cfg.no_alloc,
+        // SAFETY: as above; NULL when llama.cpp does not know the file
+        model_path: (!cfg.model_path.is_null()).then(|| unsafe { cstr(cfg.model_path) }.to_string()),
         layers,
         options,
     })

@@ -11,7 +11,8 @@ use crate::attention::{self, Approx, ApproxScratch, Scale, Scratch, Window};
 use crate::cells::{Cells, SeqSet, Seqs};
 use crate::error::{Error, Result};
 use crate::keys::KeyStore;
-use crate::options::{Options, Prefill, Select};
+use crate::calibration::{CodebookFile, Identity};
+use crate::options::{CodebookSource, KeyCodec, Options, Prefill, Select, Values};
 use crate::rows::Rows;
 
 /// One attention layer as llama.cpp describes it.
@@ -34,6 +35,8 @@ pub struct Config {
     pub n_ubatch: usize,
     pub kv_unified: bool,
     pub no_alloc: bool,
+    /// the model file, when llama.cpp knows it (codebook files are checked against it)
+    pub model_path: Option<String>,
     pub layers: Vec<LayerDesc>,
     pub options: Options,
 }
@@ -116,6 +119,37 @@ thread_local! {
     static APPROX: RefCell<ApproxScratch> = RefCell::new(ApproxScratch::default());
 }
 
+/// With `codebook=FILE`: read the file, check it against the model and the options, and settle
+/// the key codec to the file's PQ settings.
+fn load_codebook_file(cfg: &mut Config) -> Result<Option<CodebookFile>> {
+    let CodebookSource::File { path, pq_given } = cfg.options.codebook.clone() else {
+        return Ok(None);
+    };
+    let f = CodebookFile::load(std::path::Path::new(&path)).map_err(Error::Config)?;
+    let model = Identity::of(cfg).map_err(|e| Error::Config(format!("codebook file {path}: {e}")))?;
+    f.check_model(&model, &path).map_err(Error::Config)?;
+    let s = &f.settings;
+    let file_codec = KeyCodec::Pq { dim: s.pq_dim, centroids: s.centroids, scope: s.scope };
+    if pq_given && cfg.options.keys != file_codec {
+        let asked = match cfg.options.keys {
+            KeyCodec::Pq { dim, centroids, scope } => format!("pq_dim={dim}, pq_centroids={centroids}, codebook_scope={}", scope.name()),
+            other => format!("{other:?}"),
+        };
+        return Err(Error::Config(format!(
+            "codebook file {path} was fitted with {}, but the options ask for {asked}; calibrate with those settings or drop them from the options",
+            s.describe()
+        )));
+    }
+    cfg.options.keys = file_codec;
+    eprintln!(
+        "hc: codebooks from {path} ({}; fitted on {} tokens of {})",
+        s.describe(),
+        f.tokens,
+        if f.text.is_empty() { "an unnamed text" } else { &f.text }
+    );
+    Ok(Some(f))
+}
+
 impl Backend {
     pub fn new(cfg: Config) -> Result<Backend> {
         if cfg.n_ctx == 0 || cfg.n_seq_max == 0 || cfg.n_seq_max > crate::cells::MAX_SEQ {
@@ -129,6 +163,11 @@ impl Backend {
         if cfg.layers.is_empty() {
             return Err(Error::Config("the model has no attention layers to serve".into()));
         }
+        if crate::capture::active() {
+            crate::capture::record_model(crate::calibration::Identity::of(&cfg));
+        }
+        let mut cfg = cfg;
+        let file = load_codebook_file(&mut cfg)?;
         let mut layer_of = Vec::new();
         let mut layers = Vec::with_capacity(cfg.layers.len());
         for (i, d) in cfg.layers.iter().enumerate() {
@@ -147,12 +186,17 @@ impl Backend {
             layer_of[d.il] = Some(i);
             let alloc = !cfg.no_alloc;
             let o = &cfg.options;
-            layers.push(Layer {
-                desc: d.clone(),
-                keys: KeyStore::new(o.keys, cfg.n_ctx, d.n_head_kv, d.dk, o.fit_tokens, o.seed)
-                    .map_err(|e| Error::Config(format!("layer {}: {e}", d.il)))?,
-                vals: Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc),
-            });
+            let mut keys = KeyStore::new(o.keys, cfg.n_ctx, d.n_head_kv, d.dk, o.fit_tokens, o.seed)
+                .map_err(|e| Error::Config(format!("layer {}: {e}", d.il)))?;
+            if let Some(f) = &file {
+                let books = f.books_for(d.il).ok_or_else(|| Error::Config(format!("the codebook file has no codebooks for layer {}", d.il)))?;
+                keys.set_codebooks(books).map_err(|e| Error::Config(format!("layer {}: codebook file: {e}", d.il)))?;
+            }
+            let vals = match &o.values {
+                Values::File(dir) if alloc => Rows::in_file(cfg.n_ctx, d.n_head_kv * d.dv, std::path::Path::new(dir))?,
+                _ => Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc),
+            };
+            layers.push(Layer { desc: d.clone(), keys, vals });
         }
         // a unified cache accepts any sequence id llama.cpp does, whatever n_seq_max says
         let seq_limit = if cfg.kv_unified { crate::cells::MAX_SEQ } else { cfg.n_seq_max };
@@ -168,10 +212,20 @@ impl Backend {
     }
 
     pub fn usage(&self) -> Usage {
-        let fast: usize = self.layers.iter().map(|l| l.keys.bytes(self.cfg.n_ctx)).sum();
-        let codebooks: usize = self.layers.iter().map(|l| l.keys.codebooks().iter().map(|b| b.bytes()).sum::<usize>()).sum();
+        // a model-scope codebook is shared by every layer: count each book once
+        let mut seen = std::collections::HashSet::new();
+        let codebooks: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| l.keys.codebooks())
+            .filter(|b| seen.insert(std::sync::Arc::as_ptr(b)))
+            .map(|b| b.bytes())
+            .sum();
+        let fast: usize = self.layers.iter().map(|l| l.keys.bytes(self.cfg.n_ctx)).sum::<usize>() + codebooks;
         let values: usize = self.layers.iter().map(|l| l.vals.bytes()).sum();
-        Usage { host: fast + values, device: 0, file: 0, fast, codebooks }
+        let in_file = self.cfg.options.values != Values::Host;
+        let (host, file) = if in_file { (fast, values) } else { (fast + values, 0) };
+        Usage { host, device: 0, file, fast, codebooks }
     }
 
     /// Drop the stored rows of cells whose sequences are all gone.
@@ -200,6 +254,11 @@ impl Backend {
             return Ok(0);
         }
         let (sink, recent) = (self.cfg.options.sink as i32, self.cfg.options.recent as i32);
+        // anchor tokens stay exact while a prompt attends to them
+        let anchor = match self.cfg.options.prefill {
+            Prefill::Anchor(n) if prompt => n.min(i32::MAX as usize) as i32,
+            _ => 0,
+        };
         // the newest position of each sequence, for the recent window (apply runs this per
         // ubatch, so skip the scan of every cell when there is no window)
         let mut newest = vec![-1i32; if recent > 0 { self.cells.seq_limit() } else { 0 }];
@@ -213,7 +272,7 @@ impl Backend {
         let cells = &self.cells;
         let keep = |c: usize| {
             let p = cells.pos(c);
-            p < sink || (recent > 0 && cells.seqs(c).iter().any(|s| p > newest[s] - recent))
+            p < sink || p < anchor || (recent > 0 && cells.seqs(c).iter().any(|s| p > newest[s] - recent))
         };
         let mut fitted = 0;
         let mut note = String::new();
@@ -298,7 +357,14 @@ impl Backend {
         }
         for (s, l) in list_of_seq.iter().enumerate() {
             if let Some(l) = l {
-                plan.lists[*l as usize] = self.cells.sorted_seq(s);
+                let mut list = self.cells.sorted_seq(s);
+                if let (Prefill::Anchor(n), true) = (self.cfg.options.prefill, prompt) {
+                    // the anchors, then this ubatch's own tokens of the sequence
+                    let start = tokens.iter().filter(|t| t.seq0 == s).map(|t| t.pos).min().unwrap_or(0);
+                    let n = n.min(i32::MAX as usize) as i32;
+                    list.retain(|e| e.0 < n || e.0 >= start);
+                }
+                plan.lists[*l as usize] = list;
             }
         }
         for l in &mut self.layers {
@@ -358,6 +424,9 @@ impl Backend {
                     // runs after a barrier.
                     unsafe {
                         if is_key {
+                            if crate::capture::active() {
+                                crate::capture::record(d.il, self.plan.tokens[t].0, buf);
+                            }
                             layer.keys.write_exact(cell, buf);
                         } else {
                             layer.vals.write_row(cell, buf);
@@ -515,9 +584,45 @@ mod tests {
             n_ubatch: 32,
             kv_unified: false,
             no_alloc: false,
+            model_path: None,
             layers: vec![layer],
             options: Options::parse(opts).unwrap(),
         }
+    }
+
+    #[test]
+    fn model_scope_codebook_is_shared_and_counted_once() {
+        use crate::calibration::{CodebookFile, Identity, Settings};
+        use crate::options::Scope;
+        let dir = std::env::temp_dir().join(format!("hcattn-be-cb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("model.bin");
+        std::fs::write(&model, b"not really a model").unwrap();
+        let mut cfg = config("");
+        cfg.layers.push(LayerDesc { il: 3, ..cfg.layers[0].clone() });
+        cfg.model_path = Some(model.to_string_lossy().into_owned());
+        let book = crate::codebook::Codebook::new(2, (0..32).map(|i| i as f32).collect()).unwrap();
+        let file = CodebookFile {
+            identity: Identity::of(&cfg).unwrap(),
+            settings: Settings { pq_dim: 2, centroids: 16, scope: Scope::Model, seed: 0 },
+            model_sha256: String::new(),
+            text: String::new(),
+            text_sha256: String::new(),
+            tokens: 0,
+            books: vec![vec![std::sync::Arc::new(book.clone())]],
+        };
+        let path = dir.join("cb.gguf");
+        file.save(&path).unwrap();
+        cfg.options = Options::parse(&format!("codebook={}", path.display())).unwrap();
+        let be = Backend::new(cfg.clone()).unwrap();
+        let (a, b) = (&be.layers[0].keys.codebooks()[0], &be.layers[1].keys.codebooks()[0]);
+        assert!(std::sync::Arc::ptr_eq(a, b), "one book for both layers");
+        assert_eq!(be.usage().codebooks, book.bytes());
+        // the model file changes: refused
+        std::fs::write(&model, b"another model entirely").unwrap();
+        let e = Backend::new(cfg).err().unwrap().to_string();
+        assert!(e.contains("fingerprint"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -578,6 +683,40 @@ mod tests {
         feed(&mut be, 20, 20);
         assert_eq!(be.layers[0].keys.codebooks().len(), 1, "fitted after the first ubatch");
         assert_eq!(be.layers[0].keys.exact_cells(), 20, "only the newest ubatch is exact");
+    }
+
+    #[test]
+    fn anchor_prefill_sees_the_anchors_and_its_own_ubatch() {
+        let opts = "keys=pq,pq_dim=2,pq_centroids=16,fit_tokens=16,prefill=anchor:8";
+        let mut be = Backend::new(config(opts)).unwrap();
+        feed(&mut be, 0, 20);
+        assert_eq!(be.plan.lists[0].len(), 20, "the first ubatch sees itself");
+        feed(&mut be, 20, 20);
+        let seen: Vec<i32> = be.plan.lists[0].iter().map(|e| e.0).collect();
+        let want: Vec<i32> = (0..8).chain(20..40).collect();
+        assert_eq!(seen, want, "anchors 0..8, then the ubatch");
+        // anchors stay exact through the prompt, the rest is coded after its ubatch
+        assert_eq!(be.layers[0].keys.exact_cells(), 8 + 20);
+        feed(&mut be, 40, 1);
+        assert_eq!(be.plan.lists[0].len(), 41, "a generation step sees every token");
+        assert_eq!(be.layers[0].keys.exact_cells(), 1, "anchors are coded once generation starts");
+    }
+
+    #[test]
+    fn values_in_a_file_are_counted_as_the_file_tier() {
+        let dir = std::env::temp_dir().join(format!("hcattn-be-vals-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let host = Backend::new(config("")).unwrap().usage();
+        let be = Backend::new(config(&format!("values=file:{}", dir.display()))).unwrap();
+        let u = be.usage();
+        assert_eq!((u.file, u.host, u.fast), (host.host - host.fast, host.fast, host.fast));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no file is visible");
+        drop(be);
+        let e = Backend::new(config("values=file:/nonexistent/hc")).err().unwrap().to_string();
+        assert!(e.contains("/nonexistent/hc") && e.contains("no such folder"), "{e}");
+        let e = Backend::new(config("values=file:/proc")).err().unwrap().to_string();
+        assert!(e.contains("cannot create a file there"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! them from several threads, each its own cells; the attention op only reads.
 
 use std::cell::UnsafeCell;
+use std::sync::Arc;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -16,7 +17,7 @@ use half::slice::HalfFloatSliceExt;
 use crate::attention::dot;
 use crate::codebook::{Codebook, KMeans};
 use crate::error::{Error, Result};
-use crate::options::{code_bits, KeyCodec};
+use crate::options::{code_bits, KeyCodec, Scope};
 
 const NONE: u32 = u32::MAX;
 
@@ -113,8 +114,9 @@ pub struct Prep {
 
 enum Coded {
     None,
-    /// `books`: empty until fitted, then one (per layer) or one per group
-    Pq { dim: usize, centroids: usize, per_group: bool, books: Vec<Codebook>, codes: Vec<u16> },
+    /// `books`: empty until fitted or loaded, then one (scope layer or model) or one per group;
+    /// shared (Arc) when one model-scope codebook serves every layer
+    Pq { dim: usize, centroids: usize, scope: Scope, books: Vec<Arc<Codebook>>, codes: Vec<u16> },
     Int { bits: u32, group: usize, codes: Vec<u8>, scale: Vec<f32>, zero: Vec<f32> },
 }
 
@@ -132,11 +134,11 @@ impl KeyStore {
         let row = n_head_kv * dk;
         let coded = match codec {
             KeyCodec::F16 => Coded::None,
-            KeyCodec::Pq { dim, centroids, per_group } => {
+            KeyCodec::Pq { dim, centroids, scope } => {
                 if dk % dim != 0 {
                     return Err(Error::Config(format!("pq_dim={dim} does not divide the head dimension {dk}")));
                 }
-                Coded::Pq { dim, centroids, per_group, books: Vec::new(), codes: vec![0; n_cells * row / dim] }
+                Coded::Pq { dim, centroids, scope, books: Vec::new(), codes: vec![0; n_cells * row / dim] }
             }
             KeyCodec::Int { bits, group } => {
                 if dk % group != 0 {
@@ -154,15 +156,13 @@ impl KeyStore {
         matches!(self.coded, Coded::None)
     }
 
-    /// Fast-tier bytes: codes (or f16 rows for the exact codec), codebooks, scales, and the
-    /// exact rows in use.
+    /// Fast-tier bytes: codes (or f16 rows for the exact codec), scales, and the exact rows in
+    /// use; not the codebooks, which layers may share (see [`KeyStore::codebooks`]).
     pub fn bytes(&self, n_cells: usize) -> usize {
         let row = self.n_head_kv * self.dk;
         match &self.coded {
             Coded::None => n_cells * row * 2,
-            Coded::Pq { dim, centroids, books, .. } => {
-                n_cells * row / dim * code_bits(*centroids) as usize / 8 + books.iter().map(|b| b.bytes()).sum::<usize>() + self.slab.bytes()
-            }
+            Coded::Pq { dim, centroids, .. } => n_cells * row / dim * code_bits(*centroids) as usize / 8 + self.slab.bytes(),
             Coded::Int { codes, scale, zero, .. } => codes.len() + (scale.len() + zero.len()) * 4 + self.slab.bytes(),
         }
     }
@@ -204,13 +204,16 @@ impl KeyStore {
     pub fn settle(&mut self, keep_exact: impl Fn(usize) -> bool) -> Result<Option<String>> {
         let exact: Vec<usize> = (0..self.slab.slot.len()).filter(|&c| self.slab.has(c)).collect();
         let mut note = None;
-        if let Coded::Pq { dim, centroids, per_group, books, .. } = &mut self.coded {
+        if let Coded::Pq { dim, centroids, scope, books, .. } = &mut self.coded {
             if books.is_empty() {
                 if exact.len() < self.fit_tokens {
                     return Ok(None); // keep collecting
                 }
+                if *scope == Scope::Model {
+                    return Err(Error::Config("a model-scope codebook comes from a calibration file only".into()));
+                }
                 let (dim, dk) = (*dim, self.dk);
-                let groups = if *per_group { dk / dim } else { 1 };
+                let groups = scope.books_per_layer(dk, dim);
                 // sub-vectors of every head, pooled per group (or all together)
                 let mut data = vec![Vec::with_capacity(exact.len() * self.n_head_kv * dk / groups); groups];
                 for &c in &exact {
@@ -222,7 +225,7 @@ impl KeyStore {
                 let t0 = std::time::Instant::now();
                 for d in &data {
                     let km = KMeans { seed: self.seed, ..KMeans::new(*centroids, dim) };
-                    books.push(km.fit(d, &mut |_, _| {}).map_err(|e| Error::Config(format!("fitting the key codebook: {e}")))?);
+                    books.push(Arc::new(km.fit(d, &mut |_, _| {}).map_err(|e| Error::Config(format!("fitting the key codebook: {e}")))?));
                 }
                 note = Some(format!(
                     "fitted {} online codebook{} ({} centroids of {} dims) on {} keys in {:.2} s",
@@ -508,8 +511,8 @@ impl KeyStore {
         }
     }
 
-    /// The fitted PQ codebooks (none before the fit, and for other codecs).
-    pub fn codebooks(&self) -> &[Codebook] {
+    /// The PQ codebooks (none before the fit, and for other codecs).
+    pub fn codebooks(&self) -> &[Arc<Codebook>] {
         match &self.coded {
             Coded::Pq { books, .. } => books,
             _ => &[],
@@ -524,14 +527,19 @@ impl KeyStore {
         self.n_head_kv * self.dk
     }
 
-    pub fn set_codebooks(&mut self, b: Vec<Codebook>) -> Result<()> {
+    /// Install codebooks (from a calibration file or a saved state). Books equal to the ones
+    /// in place are kept as they are, so layers sharing a model-scope book keep sharing it.
+    pub fn set_codebooks(&mut self, b: Vec<Arc<Codebook>>) -> Result<()> {
         let dk = self.dk;
         match &mut self.coded {
-            Coded::Pq { dim, centroids, per_group, books, .. }
+            Coded::Pq { dim, centroids, scope, books, .. }
                 if b.is_empty()
-                    || (b.len() == if *per_group { dk / *dim } else { 1 } && b.iter().all(|x| x.dim() == *dim && x.len() == *centroids)) =>
+                    || (b.len() == scope.books_per_layer(dk, *dim) && b.iter().all(|x| x.dim() == *dim && x.len() == *centroids)) =>
             {
-                *books = b;
+                let same = books.len() == b.len() && books.iter().zip(&b).all(|(x, y)| x.centroids() == y.centroids());
+                if !same {
+                    *books = b;
+                }
                 Ok(())
             }
             _ if b.is_empty() => Ok(()),
@@ -597,8 +605,8 @@ mod tests {
     fn scores_equal_decode_then_dot() {
         let (n, heads, dk) = (300, 2, 16);
         for codec in [
-            KeyCodec::Pq { dim: 2, centroids: 64, per_group: false },
-            KeyCodec::Pq { dim: 4, centroids: 32, per_group: true },
+            KeyCodec::Pq { dim: 2, centroids: 64, scope: Scope::Layer },
+            KeyCodec::Pq { dim: 4, centroids: 32, scope: Scope::Group },
             KeyCodec::Int { bits: 4, group: 8 },
             KeyCodec::Int { bits: 8, group: 16 },
         ] {
@@ -638,7 +646,7 @@ mod tests {
     #[test]
     fn online_pq_waits_for_fit_tokens_then_encodes() {
         let (n, heads, dk) = (64, 1, 8);
-        let mut st = KeyStore::new(KeyCodec::Pq { dim: 2, centroids: 16, per_group: false }, n, heads, dk, 40, 0).unwrap();
+        let mut st = KeyStore::new(KeyCodec::Pq { dim: 2, centroids: 16, scope: Scope::Layer }, n, heads, dk, 40, 0).unwrap();
         let data = keys(n, dk, 5);
         let row = dk;
         st.reserve(0..30);
@@ -662,7 +670,7 @@ mod tests {
 
     #[test]
     fn codec_needs_a_divisor_of_the_head_dimension() {
-        assert!(KeyStore::new(KeyCodec::Pq { dim: 4, centroids: 16, per_group: false }, 4, 1, 6, 1, 0).is_err());
+        assert!(KeyStore::new(KeyCodec::Pq { dim: 4, centroids: 16, scope: Scope::Layer }, 4, 1, 6, 1, 0).is_err());
         assert!(KeyStore::new(KeyCodec::Int { bits: 8, group: 32 }, 4, 1, 48, 1, 0).is_err());
     }
 }

@@ -9,9 +9,9 @@ use crate::error::{Error, Result};
 pub enum KeyCodec {
     /// Exact half-precision keys.
     F16,
-    /// Product quantization: sub-vectors of `dim` dims, each the index of one of `centroids`;
-    /// one codebook per layer shared by its heads and groups, or one per group (`per_group`).
-    Pq { dim: usize, centroids: usize, per_group: bool },
+    /// Product quantization: sub-vectors of `dim` dims, each the index of one of `centroids`,
+    /// from codebooks of the given scope.
+    Pq { dim: usize, centroids: usize, scope: Scope },
     /// Scalar quantization in groups of `group` channels with a scale and a zero point.
     Int { bits: u32, group: usize },
 }
@@ -36,6 +36,60 @@ pub fn code_bits(centroids: usize) -> u32 {
     }
 }
 
+/// What one PQ codebook serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// one per layer, shared by its heads and sub-vector groups
+    Layer,
+    /// one per layer and sub-vector group (dk / pq_dim of them per layer)
+    Group,
+    /// one for the whole model (calibrated files only)
+    Model,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Layer => "layer",
+            Scope::Group => "group",
+            Scope::Model => "model",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        [Scope::Layer, Scope::Group, Scope::Model].into_iter().find(|x| x.name() == s)
+    }
+
+    /// Codebooks per layer.
+    pub fn books_per_layer(self, dk: usize, dim: usize) -> usize {
+        if self == Scope::Group {
+            dk / dim
+        } else {
+            1
+        }
+    }
+}
+
+/// Where PQ codebooks come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodebookSource {
+    /// fitted from the first `fit_tokens` keys of each layer
+    Online,
+    /// a file written by `hcattn calibrate`; `pq_given`: the PQ settings (keys, pq_dim,
+    /// pq_centroids, codebook_scope) were given by the user or a preset, and must then equal
+    /// the file's; otherwise the file's are used
+    File { path: String, pq_given: bool },
+}
+
+/// Where the values (the host tier) live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Values {
+    /// host memory
+    Host,
+    /// a memory-mapped file in this folder, created and removed by the context
+    File(String),
+}
+
 /// Which tokens' weights the value sum uses, per decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Select {
@@ -52,6 +106,10 @@ pub enum Prefill {
     Exact,
     /// encoded after each ubatch: later ubatches of a prompt see earlier ones through codes
     Coded,
+    /// each ubatch of a prompt attends only to the first N tokens (kept exact while the prompt
+    /// is processed) and to itself; keys encoded after each ubatch. Linear-cost prefill for
+    /// prompts far beyond what quadratic prefill allows.
+    Anchor(usize),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +129,8 @@ pub struct Options {
     /// Seed of the k-means fit.
     pub seed: u64,
     pub prefill: Prefill,
+    pub codebook: CodebookSource,
+    pub values: Values,
 }
 
 impl Default for Options {
@@ -85,6 +145,8 @@ impl Default for Options {
             fit_tokens: 256,
             seed: 0,
             prefill: Prefill::Exact,
+            codebook: CodebookSource::Online,
+            values: Values::Host,
         }
     }
 }
@@ -96,14 +158,15 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ("pq_dim", "2", "1, 2, 4, 8", "dimensions per PQ sub-vector (keys=pq)"),
     ("pq_centroids", "8192", "16 to 65536", "centroids per PQ codebook; up to 256 gives 8-bit codes (keys=pq)"),
     ("int_group", "32", "8 to 256, a divisor of the head dimension", "channels sharing a scale and zero point (keys=int8/int4)"),
-    ("codebook", "online", "online", "where PQ codebooks come from: fitted per layer from the first keys"),
-    ("codebook_scope", "layer", "layer, group", "one PQ codebook per layer (shared by heads and groups) or one per group"),
+    ("codebook", "online", "online, or the path of a file from `hcattn calibrate`", "where PQ codebooks come from: fitted from the first keys, or calibrated offline (implies keys=pq with the file's settings)"),
+    ("codebook_scope", "layer", "layer, group, model", "one PQ codebook per layer (shared by heads and groups), one per group, or one for the model (files only)"),
     ("fit_tokens", "256", "1 or more", "keys a layer collects (exact) before its online codebook is fitted"),
     ("seed", "0", "an integer", "seed of the k-means fit"),
-    ("prefill", "exact", "exact, coded", "a prompt's keys stay exact until generation starts, or are encoded after each ubatch"),
+    ("prefill", "exact", "exact, coded, anchor:N", "a prompt's keys stay exact until generation starts, or are encoded after each ubatch; anchor:N: each prompt ubatch attends only to the first N tokens and itself"),
     ("tau", "1", "(0, 1]", "attention mass the selected tokens must cover (1 = every token)"),
     ("select", "layer", "layer, head", "one k per layer (max over heads, 1% grid) or per head"),
     ("renorm", "0", "0, 1", "divide the value sum by the selected mass"),
+    ("values", "host", "host, file:DIR", "values in host memory, or in a memory-mapped file in DIR (created, and removed at once, by the context)"),
     ("recent", "0", "0 or more", "the last N tokens keep exact keys"),
     ("sink", "0", "0 or more", "the first N tokens keep exact keys"),
 ];
@@ -146,8 +209,12 @@ impl Options {
         let mut pq_dim = 2;
         let mut pq_centroids = 8192;
         let mut int_group = 32;
-        let mut per_group = false;
+        let mut scope = Scope::Layer;
         let mut keys = "f16".to_string();
+        // any PQ setting given by the user or a preset (see CodebookSource::File)
+        let mut pq_given = false;
+        let mut keys_given = false;
+        let mut codebook_file = None;
         let mut explicit = Vec::new();
         for (k, v) in &items {
             if *k == "preset" {
@@ -168,14 +235,18 @@ impl Options {
                         return Err(bad(key, format!("unknown value '{value}'; accepted: f16, pq, int8, int4")));
                     }
                     keys = value.to_string();
+                    keys_given = true;
+                    pq_given = true;
                 }
                 "pq_dim" => {
+                    pq_given = true;
                     pq_dim = parse_usize(key, value, "1, 2, 4, 8")?;
                     if ![1, 2, 4, 8].contains(&pq_dim) {
                         return Err(bad(key, format!("{value} is not accepted; accepted: 1, 2, 4, 8")));
                     }
                 }
                 "pq_centroids" => {
+                    pq_given = true;
                     pq_centroids = parse_usize(key, value, "16 to 65536")?;
                     if !(16..=65536).contains(&pq_centroids) {
                         return Err(bad(key, format!("{value} is outside 16 to 65536")));
@@ -188,16 +259,16 @@ impl Options {
                     }
                 }
                 "codebook" => {
-                    if value != "online" {
-                        return Err(bad(key, format!("'{value}': codebook files are not supported yet; accepted: online")));
+                    codebook_file = match value {
+                        "online" => None,
+                        "" => return Err(bad(key, "empty; accepted: online, or the path of a codebook file")),
+                        path => Some(path.to_string()),
                     }
                 }
                 "codebook_scope" => {
-                    per_group = match value {
-                        "layer" => false,
-                        "group" => true,
-                        _ => return Err(bad(key, format!("unknown value '{value}'; accepted: layer, group"))),
-                    }
+                    pq_given = true;
+                    scope = Scope::parse(value)
+                        .ok_or_else(|| bad(key, format!("unknown value '{value}'; accepted: layer, group, model")))?;
                 }
                 "fit_tokens" => {
                     o.fit_tokens = parse_usize(key, value, "1 or more")?;
@@ -231,7 +302,19 @@ impl Options {
                     o.prefill = match value {
                         "exact" => Prefill::Exact,
                         "coded" => Prefill::Coded,
-                        _ => return Err(bad(key, format!("unknown value '{value}'; accepted: exact, coded"))),
+                        v => match v.strip_prefix("anchor:").map(str::parse::<usize>) {
+                            Some(Ok(n)) if n >= 1 => Prefill::Anchor(n),
+                            _ => return Err(bad(key, format!("unknown value '{value}'; accepted: exact, coded, anchor:N (N >= 1)"))),
+                        },
+                    }
+                }
+                "values" => {
+                    o.values = match value {
+                        "host" => Values::Host,
+                        v => match v.strip_prefix("file:") {
+                            Some(dir) if !dir.is_empty() => Values::File(dir.to_string()),
+                            _ => return Err(bad(key, format!("unknown value '{value}'; accepted: host, file:DIR"))),
+                        },
                     }
                 }
                 "recent" => o.recent = parse_usize(key, value, "0 or more")?,
@@ -242,8 +325,17 @@ impl Options {
                 }
             }
         }
+        if let Some(path) = codebook_file {
+            if keys_given && keys != "pq" {
+                return Err(bad("codebook", format!("a codebook file needs keys=pq, not keys={keys}")));
+            }
+            keys = "pq".into();
+            o.codebook = CodebookSource::File { path, pq_given };
+        } else if scope == Scope::Model && keys == "pq" {
+            return Err(bad("codebook_scope", "'model' needs a calibrated file (codebook=FILE from hcattn calibrate)"));
+        }
         o.keys = match keys.as_str() {
-            "pq" => KeyCodec::Pq { dim: pq_dim, centroids: pq_centroids, per_group },
+            "pq" => KeyCodec::Pq { dim: pq_dim, centroids: pq_centroids, scope },
             "int8" => KeyCodec::Int { bits: 8, group: int_group },
             "int4" => KeyCodec::Int { bits: 4, group: int_group },
             _ => KeyCodec::F16,
@@ -291,26 +383,55 @@ mod tests {
         assert!(e.contains("70000") && e.contains("16 to 65536"), "{e}");
         let e = Options::parse("preset=7").unwrap_err().to_string();
         assert!(e.contains("'7'") && e.contains("12.5"), "{e}");
-        let e = Options::parse("codebook=/tmp/x.gguf").unwrap_err().to_string();
+        assert_eq!(Options::parse("prefill=anchor:64").unwrap().prefill, Prefill::Anchor(64));
+        for v in ["anchor:0", "anchor:", "anchor:x", "anchors:4"] {
+            let e = Options::parse(&format!("prefill={v}")).unwrap_err().to_string();
+            assert!(e.contains("anchor:N"), "{e}");
+        }
+        let e = Options::parse("values=disk").unwrap_err().to_string();
+        assert!(e.contains("'values'") && e.contains("file:DIR"), "{e}");
+        assert!(Options::parse("values=file:").is_err());
+        assert_eq!(Options::parse("values=file:/tmp").unwrap().values, Values::File("/tmp".into()));
+        let e = Options::parse("codebook=").unwrap_err().to_string();
         assert!(e.contains("'codebook'") && e.contains("accepted: online"), "{e}");
+        let e = Options::parse("keys=int8,codebook=/tmp/x.gguf").unwrap_err().to_string();
+        assert!(e.contains("'codebook'") && e.contains("keys=pq"), "{e}");
+        let e = Options::parse("keys=pq,codebook_scope=model").unwrap_err().to_string();
+        assert!(e.contains("calibrated file"), "{e}");
     }
 
     #[test]
     fn presets_expand_and_explicit_keys_override_them() {
         let o = Options::parse("preset=12.5").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 4, centroids: 8192, per_group: false });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 4, centroids: 8192, scope: Scope::Layer });
         assert_eq!(o.tau, 0.9);
         let o = Options::parse("tau=0.95,preset=25").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192, per_group: false });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192, scope: Scope::Layer });
         assert_eq!(o.tau, 0.95, "an explicit key before the preset still wins");
         let o = Options::parse("preset=cpu12.5,pq_centroids=512").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, per_group: true });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, scope: Scope::Group });
         let o = Options::parse("codebook_scope=group,preset=cpu25").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 1, centroids: 256, per_group: true });
-        assert!(Options::parse("codebook_scope=model").unwrap_err().to_string().contains("accepted: layer, group"));
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 1, centroids: 256, scope: Scope::Group });
+        assert!(Options::parse("codebook_scope=all").unwrap_err().to_string().contains("accepted: layer, group, model"));
         for (name, _) in PRESETS {
             Options::parse(&format!("preset={name}")).unwrap();
         }
+    }
+
+    #[test]
+    fn codebook_files_take_or_check_the_pq_settings() {
+        let o = Options::parse("codebook=/x/cb.gguf").unwrap();
+        assert_eq!(o.codebook, CodebookSource::File { path: "/x/cb.gguf".into(), pq_given: false });
+        assert!(matches!(o.keys, KeyCodec::Pq { .. }));
+        let o = Options::parse("preset=12.5,codebook=cb.gguf").unwrap();
+        assert_eq!(o.codebook, CodebookSource::File { path: "cb.gguf".into(), pq_given: true });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 4, centroids: 8192, scope: Scope::Layer });
+        let o = Options::parse("codebook=cb.gguf,codebook_scope=model").unwrap();
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192, scope: Scope::Model });
+        assert_eq!(Options::parse("codebook=cb.gguf,codebook=online").unwrap().codebook, CodebookSource::Online);
+        let o = Options::parse("pq_centroids=512,codebook=cb.gguf").unwrap();
+        assert_eq!(o.codebook, CodebookSource::File { path: "cb.gguf".into(), pq_given: true });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, scope: Scope::Layer });
     }
 
     #[test]

@@ -170,7 +170,7 @@ fn read_inner(be: &mut Backend, target: Seqs, r: &mut dyn FnMut(&mut [u8]) -> bo
                 return Err(short());
             }
             let c: Vec<f32> = b.chunks_exact(4).map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])).collect();
-            layer_books.push(Codebook::new(dim, c).map_err(|e| Error::State(format!("codebook: {e}")))?);
+            layer_books.push(std::sync::Arc::new(Codebook::new(dim, c).map_err(|e| Error::State(format!("codebook: {e}")))?));
         }
         books.push(layer_books);
     }

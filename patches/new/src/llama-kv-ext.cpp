@@ -309,7 +309,7 @@ llama_kv_ext::llama_kv_ext(const llama_model & model, const llama_cparams & cpar
     cfg.struct_size = sizeof(cfg);
     cfg.arch        = arch;
     cfg.opts        = opts.c_str();
-    cfg.model_path  = nullptr;
+    cfg.model_path  = model.path.empty() ? nullptr : model.path.c_str();
     cfg.n_ctx       = cparams.kv_unified ? cparams.n_ctx_seq : cparams.n_ctx_seq * cparams.n_seq_max;
     cfg.n_ctx_seq   = cparams.n_ctx_seq;
     cfg.n_seq_max   = cparams.n_seq_max;
