@@ -199,6 +199,172 @@ fn exact_portable<'a>(
     }
 }
 
+/// Keys and values converted to f32 per chunk of the blocked kernel: small enough to stay in
+/// L1 with the block's queries and accumulators.
+const BLOCK_KEYS: usize = 64;
+
+/// Scratch of [`exact_block`], kept per thread.
+#[derive(Default)]
+pub struct BlockScratch {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    /// per query row: running max, running sum, output accumulator
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Exact attention of a block of query tokens over one KV head, for prompts: each key and
+/// value is converted to f32 once per block instead of once per query token, and the block's
+/// rows are updated chunk by chunk with an online softmax (running max and sum), so nothing of
+/// size n is kept per row. Gives the same result as [`exact`] per token up to f32 rounding.
+///
+/// `q`: the block's query rows, token-major (`ranges.len() * g` rows of `dk`); `ranges[t]`:
+/// token t's visible entries of `cells` as an index range; `out(t, o)` receives token t's
+/// `g * dv` outputs.
+#[allow(clippy::too_many_arguments)]
+pub fn exact_block<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut BlockScratch,
+    out: impl FnMut(usize, &[f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { exact_block_avx2(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) };
+    }
+    exact_block_portable(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn exact_block_avx2<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut BlockScratch,
+    out: impl FnMut(usize, &[f32]),
+) {
+    exact_block_portable(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn exact_block_portable<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    s: &mut BlockScratch,
+    mut out: impl FnMut(usize, &[f32]),
+) {
+    let rows = ranges.len() * g;
+    s.m.clear();
+    s.m.resize(rows, f32::NEG_INFINITY);
+    s.l.clear();
+    s.l.resize(rows, 0.0);
+    s.acc.clear();
+    s.acc.resize(rows * dv, 0.0);
+    s.k.resize(BLOCK_KEYS * dk, 0.0);
+    s.v.resize(BLOCK_KEYS * dv, 0.0);
+    s.s.resize(BLOCK_KEYS, 0.0);
+    let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let mut c0 = lo;
+    while c0 < hi {
+        let c1 = (c0 + BLOCK_KEYS).min(hi);
+        for (j, &(_, c)) in cells[c0..c1].iter().enumerate() {
+            key(c).convert_to_f32_slice(&mut s.k[j * dk..(j + 1) * dk]);
+            val(c).convert_to_f32_slice(&mut s.v[j * dv..(j + 1) * dv]);
+        }
+        for (t, &(a, b)) in ranges.iter().enumerate() {
+            let (a, b) = (a.max(c0), b.min(c1));
+            if a >= b {
+                continue;
+            }
+            for h in 0..g {
+                let r = t * g + h;
+                let qr = &q[r * dk..(r + 1) * dk];
+                let sc = &mut s.s[..b - a];
+                let mut mc = f32::NEG_INFINITY;
+                for (x, j) in sc.iter_mut().zip(a - c0..b - c0) {
+                    *x = scale.logit(dot(qr, &s.k[j * dk..(j + 1) * dk]));
+                    mc = mc.max(*x);
+                }
+                let m_new = s.m[r].max(mc);
+                if m_new == f32::NEG_INFINITY {
+                    continue;
+                }
+                let acc = &mut s.acc[r * dv..(r + 1) * dv];
+                if s.m[r] != m_new {
+                    let f = (s.m[r] - m_new).exp();
+                    s.l[r] *= f;
+                    acc.iter_mut().for_each(|x| *x *= f);
+                    s.m[r] = m_new;
+                }
+                for (x, j) in sc.iter().zip(a - c0..b - c0) {
+                    let p = (x - m_new).exp();
+                    s.l[r] += p;
+                    for (o, v) in acc.iter_mut().zip(&s.v[j * dv..(j + 1) * dv]) {
+                        *o += p * v;
+                    }
+                }
+            }
+        }
+        c0 = c1;
+    }
+    let mut o = vec![0.0f32; g * dv];
+    for t in 0..ranges.len() {
+        for h in 0..g {
+            let r = t * g + h;
+            let (mut m, mut l) = (s.m[r], s.l[r]);
+            let mut f = 1.0;
+            if let Some(sink) = sinks.map(|x| x[h]) {
+                let m2 = m.max(sink);
+                if m2 != f32::NEG_INFINITY {
+                    f = if m == f32::NEG_INFINITY { 0.0 } else { (m - m2).exp() };
+                    l = l * f + (sink - m2).exp();
+                    m = m2;
+                }
+            }
+            let dst = &mut o[h * dv..(h + 1) * dv];
+            if m == f32::NEG_INFINITY || l == 0.0 {
+                dst.iter_mut().for_each(|x| *x = 0.0);
+            } else {
+                let inv = f / l;
+                for (d, a) in dst.iter_mut().zip(&s.acc[r * dv..(r + 1) * dv]) {
+                    *d = a * inv;
+                }
+            }
+        }
+        out(t, &o);
+    }
+}
+
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // eight independent partial sums let the compiler vectorise without -ffast-math
@@ -264,6 +430,37 @@ mod tests {
                 let r = reference(&q[hh * dk..(hh + 1) * dk], &keys, &vals, 0.25, sk.map(|x| x[hh]));
                 for d in 0..dv {
                     assert!((out[hh * dv + d] - r[d]).abs() < 1e-5, "head {hh} dim {d}: {} vs {}", out[hh * dv + d], r[d]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_kernel_equals_the_per_token_kernel() {
+        let (dk, dv, n, g, t) = (16, 8, 300, 3, 7);
+        let mut seed = 7u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+        };
+        let keys: Vec<Vec<f16>> = (0..n).map(|_| h(&(0..dk).map(|_| rnd()).collect::<Vec<_>>())).collect();
+        let vals: Vec<Vec<f16>> = (0..n).map(|_| h(&(0..dv).map(|_| rnd()).collect::<Vec<_>>())).collect();
+        let q: Vec<f32> = (0..t * g * dk).map(|_| rnd() * 3.0).collect();
+        let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
+        // causal prefixes, a window, one token that sees nothing, one that sees everything
+        let ranges = [(0, 1), (0, 70), (10, 150), (0, 0), (64, 65), (0, 300), (250, 299)];
+        let sinks = [0.5f32, -1.0, 2.0];
+        for (sk, softcap) in [(None, 0.0), (Some(&sinks[..]), 0.0), (None, 4.0)] {
+            let sc = Scale { kq_scale: 0.25, softcap };
+            let mut got = vec![vec![]; t];
+            exact_block(&q, g, dk, dv, &cells, &ranges, |c| &keys[c as usize][..], |c| &vals[c as usize][..], sc, sk,
+                        &mut BlockScratch::default(), |i, o| got[i] = o.to_vec());
+            for (i, &(a, b)) in ranges.iter().enumerate() {
+                let mut want = vec![0.0; g * dv];
+                exact(&q[i * g * dk..(i + 1) * g * dk], g, dk, dv, &cells[a..b], |c| &keys[c as usize][..],
+                      |c| &vals[c as usize][..], sc, sk, &mut Scratch::default(), &mut want);
+                for (x, y) in got[i].iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-5, "token {i} ({a}..{b}), sinks {}: {x} vs {y}", sk.is_some());
                 }
             }
         }

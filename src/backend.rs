@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use crate::attention::{self, Approx, ApproxScratch, Scale, Scratch, Window};
+use crate::attention::{self, Approx, ApproxScratch, BlockScratch, Scale, Scratch, Window};
 use crate::cells::{Cells, SeqSet, Seqs};
 use crate::error::{Error, Result};
 use crate::keys::KeyStore;
@@ -114,8 +114,12 @@ pub struct Backend {
     plan: Plan,
 }
 
+/// Query tokens per block of the prompt kernel (see [`attention::exact_block`]).
+const BLOCK_TOKENS: usize = 16;
+
 thread_local! {
     static SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new((Scratch::default(), Vec::new()));
+    static BLOCK: RefCell<(BlockScratch, Vec<f32>, Vec<(usize, usize)>)> = RefCell::new(Default::default());
     static APPROX: RefCell<ApproxScratch> = RefCell::new(ApproxScratch::default());
 }
 
@@ -448,6 +452,12 @@ impl Backend {
         let g = d.n_head / d.n_head_kv;
         let nth = nth.max(1);
         let o = &self.cfg.options;
+        // several tokens whose visible keys are all exact (a prompt under prefill=exact or
+        // anchor, or the exact mode): exact attention, a block of tokens at a time
+        if call.n_tokens > 1 && (o.is_exact() || self.plan.lists.iter().flatten().all(|&(_, c)| layer.keys.is_exact(c as usize))) {
+            self.attend_blocks(call, layer, q, out, ith, nth);
+            return Ok(());
+        }
         if !o.is_exact() {
             // one k per layer needs every head of a token in one work item
             let layer_k = o.select == Select::Layer;
@@ -507,6 +517,50 @@ impl Backend {
             }
         });
         Ok(())
+    }
+
+    /// The prompt path of `attend`: runs of up to BLOCK_TOKENS consecutive tokens of one
+    /// sequence list form a block; work items are (block, KV head), dealt out round-robin so
+    /// that the threads share the long causal rows of the last blocks.
+    fn attend_blocks(&self, call: &Call, layer: &Layer, q: &dyn Input, out: &dyn Output, ith: usize, nth: usize) {
+        let d = &layer.desc;
+        let g = d.n_head / d.n_head_kv;
+        let mut blocks = Vec::new();
+        let mut t0 = 0;
+        for t in 1..=call.n_tokens {
+            if t == call.n_tokens || t - t0 == BLOCK_TOKENS || self.plan.tokens[t].2 != self.plan.tokens[t0].2 {
+                blocks.push((t0, t));
+                t0 = t;
+            }
+        }
+        let items = blocks.len() * d.n_head_kv;
+        BLOCK.with(|s| {
+            let (scratch, qbuf, ranges) = &mut *s.borrow_mut();
+            for item in (ith..items).step_by(nth) {
+                let ((b0, b1), kvh) = (blocks[item / d.n_head_kv], item % d.n_head_kv);
+                let list = &self.plan.lists[self.plan.tokens[b0].2 as usize];
+                qbuf.clear();
+                ranges.clear();
+                for t in b0..b1 {
+                    let pos = self.plan.tokens[t].0;
+                    let (lo, hi) = d.window.bounds(pos, call.causal);
+                    let (a, b) = (list.partition_point(|e| e.0 < lo), list.partition_point(|e| e.0 <= hi));
+                    ranges.push((a, b.max(a)));
+                    for h in kvh * g..(kvh + 1) * g {
+                        // queries rounded to f16 as stock does (see the per-token path)
+                        qbuf.extend(q.row(t, h)[..d.dk].iter().map(|&x| half::f16::from_f32(x).to_f32()));
+                    }
+                }
+                let sinks = call.sinks.map(|s| &s[kvh * g..(kvh + 1) * g]);
+                let vo = kvh * d.dv;
+                // SAFETY: as in the per-token path: stored before this op, not written during it.
+                let key = |c: u32| unsafe { layer.keys.exact_row(c as usize, kvh) };
+                let val = |c: u32| unsafe { &layer.vals.row(c as usize)[vo..vo + d.dv] };
+                attention::exact_block(qbuf, g, d.dk, d.dv, list, ranges, key, val, call.scale, sinks, scratch, |i, o| {
+                    out.span(b0 + i, kvh * g, g * d.dv).copy_from_slice(o)
+                });
+            }
+        });
     }
 
     pub fn clear(&mut self, data: bool) {

@@ -352,6 +352,11 @@ const INIT_SAMPLE_PER_CENTROID: usize = 32;
 /// so the sampling does not depend on how rayon splits the work.
 const INIT_CHUNK: usize = 4096;
 
+/// Mini-batch k-means stops once it has drawn this many times the data's size in points...
+const MAX_EPOCHS: usize = 20;
+/// ...but runs at least this many batches (or max_iter, when fewer).
+const MIN_BATCHES: usize = 10;
+
 /// Mini-batch k-means settings; see [`KMeans::fit`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct KMeans {
@@ -379,7 +384,8 @@ impl KMeans {
 
     /// Fit on `data` (n points of `dim`, row-major). k-means++ initialisation on a sample
     /// (seeded), then mini-batch k-means (Sculley 2010: per-centroid learning rate 1/count)
-    /// for max_iter batches or until the centroid movement falls below tol, then a final full
+    /// for max_iter batches (fewer on small data: at most MAX_EPOCHS times n points drawn) or
+    /// until the centroid movement falls below tol, then a final full
     /// Lloyd assignment pass that recomputes every centroid as the mean of its points (empty
     /// clusters are re-seeded from the points farthest from their centroid, deterministically).
     /// When n <= k, every point becomes a centroid and the rest are filled deterministically
@@ -438,10 +444,13 @@ impl KMeans {
         let threshold = if self.tol > 0.0 { self.tol as f64 * mean_variance(sample, dim) } else { 0.0 };
 
         let batch = self.batch_size.min(n);
+        // On small data a batch is most of it: stop after MAX_EPOCHS passes' worth of points
+        // (at least MIN_BATCHES batches) instead of max_iter near-full passes.
+        let batches = self.max_iter.min(MIN_BATCHES.max((MAX_EPOCHS * n).div_ceil(batch)));
         let mut state = MiniBatch::new(k, dim);
         let mut labels = vec![0u32; batch];
         let mut points = vec![0.0f32; batch * dim];
-        for iter in 0..self.max_iter {
+        for iter in 0..batches {
             for p in points.chunks_exact_mut(dim) {
                 let i = rng.below(n);
                 p.copy_from_slice(&data[i * dim..(i + 1) * dim]);

@@ -63,6 +63,7 @@ pub fn run(a: &Args) -> Result<CodebookFile> {
         kv_backend_opts: Some("keys=f16".into()),
         ..Default::default()
     };
+    let t0 = std::time::Instant::now();
     let capture = Capture::start()?;
     let captured = (|| -> Result<_> {
         let mut ctx = Context::new(&model, &opts)?;
@@ -87,9 +88,10 @@ pub fn run(a: &Args) -> Result<CodebookFile> {
     };
     let settings = Settings { pq_dim: a.pq_dim, centroids: a.centroids, scope: a.scope, seed: a.seed };
     eprintln!(
-        "hcattn: captured {} tokens x {} layers of keys; fitting {} ({})",
+        "hcattn: captured {} tokens x {} layers of keys in {:.1} s; fitting {} ({})",
         tokens.len(),
         identity.layers.len(),
+        t0.elapsed().as_secs_f64(),
         match a.scope {
             Scope::Model => "one codebook".to_string(),
             Scope::Layer => format!("{} codebooks", identity.layers.len()),
