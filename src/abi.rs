@@ -22,6 +22,27 @@ struct Handle {
     error: Mutex<CString>,
 }
 
+/// Addresses of the live handles of this process, for [`live_backends`].
+static LIVE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<usize>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run `f` over the hc backends alive in this process, oldest first (the `hcattn` tool reads
+/// their memory use and layer shapes this way).
+///
+/// # Safety
+/// No context of this process may be decoding or changing its cache during the call: the
+/// backends are read while llama.cpp owns them.
+pub unsafe fn live_backends<R>(f: impl FnOnce(&[&Backend]) -> R) -> R {
+    let handles = live();
+    // SAFETY: addresses in LIVE belong to handles not yet destroyed (removed under the same
+    // lock before they are freed); the caller guarantees nothing mutates them now.
+    let bes: Vec<&Backend> = handles.iter().map(|&a| unsafe { &(*(a as *const Handle)).be }).collect();
+    f(&bes)
+}
+
 impl Handle {
     fn set_error(&self, msg: impl Into<String>) {
         let msg = msg.into().replace('\0', " ");
@@ -176,7 +197,9 @@ unsafe extern "C" fn create(cfg: *const sys::llama_kv_backend_config, err: *mut 
     let msg = match res {
         Ok(Ok(be)) => {
             let h = Box::new(Handle { be, error: Mutex::new(CString::default()) });
-            return Box::into_raw(h) as *mut c_void;
+            let p = Box::into_raw(h);
+            live().push(p as usize);
+            return p as *mut c_void;
         }
         Ok(Err(e)) => e.to_string(),
         Err(p) => panic_message(p),
@@ -196,6 +219,7 @@ unsafe extern "C" fn create(cfg: *const sys::llama_kv_backend_config, err: *mut 
 unsafe extern "C" fn destroy(be: *mut c_void) {
     if !be.is_null() {
         // SAFETY: `be` came from Box::into_raw in `create` and llama.cpp destroys it once.
+        live().retain(|&a| a != be as usize);
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(be as *mut Handle) })));
     }
 }

@@ -112,6 +112,8 @@ pub struct Backend {
     /// model layer index -> index into `layers`
     layer_of: Vec<Option<usize>>,
     plan: Plan,
+    /// the peak of prefill=exact was logged
+    prompt_noted: bool,
 }
 
 /// Query tokens per block of the prompt kernel (see [`attention::exact_block`]).
@@ -204,7 +206,7 @@ impl Backend {
         }
         // a unified cache accepts any sequence id llama.cpp does, whatever n_seq_max says
         let seq_limit = if cfg.kv_unified { crate::cells::MAX_SEQ } else { cfg.n_seq_max };
-        Ok(Backend { cells: Cells::new(cfg.n_ctx, seq_limit), layers, layer_of, plan: Plan::default(), cfg })
+        Ok(Backend { cells: Cells::new(cfg.n_ctx, seq_limit), layers, layer_of, plan: Plan::default(), prompt_noted: false, cfg })
     }
 
     pub fn config(&self) -> &Config {
@@ -230,6 +232,11 @@ impl Backend {
         let in_file = self.cfg.options.values != Values::Host;
         let (host, file) = if in_file { (fast, values) } else { (fast + values, 0) };
         Usage { host, device: 0, file, fast, codebooks }
+    }
+
+    /// Bytes stock llama.cpp's f16 cache takes for the same context and layers.
+    pub fn f16_cache_bytes(&self) -> usize {
+        self.cfg.layers.iter().map(|d| self.cfg.n_ctx * d.n_head_kv * (d.dk + d.dv) * 2).sum()
     }
 
     /// Drop the stored rows of cells whose sequences are all gone.
@@ -288,6 +295,18 @@ impl Backend {
         }
         if fitted > 0 {
             eprintln!("hc: {fitted} layers: {note}");
+        }
+        if !self.prompt_noted && self.cfg.options.prefill == Prefill::Exact && !prompt {
+            // the first generation step after a prompt: say what keeping it exact cost
+            let peak: usize = self.layers.iter().map(|l| l.keys.peak_exact_bytes()).sum();
+            if peak > 0 {
+                self.prompt_noted = true;
+                eprintln!(
+                    "hc: prefill=exact held up to {:.1} MiB of exact keys ({:.1}% of the f16 cache) until the prompt was encoded",
+                    peak as f64 / (1 << 20) as f64,
+                    100.0 * peak as f64 / self.f16_cache_bytes().max(1) as f64
+                );
+            }
         }
         Ok(fitted)
     }
@@ -731,6 +750,16 @@ mod tests {
         feed(&mut be, 40, 1);
         assert_eq!(be.layers[0].keys.codebooks().len(), 1, "fitted on the whole prompt");
         assert_eq!(be.layers[0].keys.exact_cells(), 1, "only the new token is exact");
+
+        // a longer prompt: its exact rows are given back once it is encoded, the peak is kept
+        let mut be = Backend::new(config(&format!("{opts},prefill=exact"))).unwrap();
+        feed(&mut be, 0, 300);
+        feed(&mut be, 300, 1);
+        let row = 2 * 64 * 2;
+        assert!(be.layers[0].keys.peak_exact_bytes() >= 300 * row, "the prompt's peak is remembered");
+        let u = be.usage();
+        let codes = 1024 * 2 * 64 / 2; // 8-bit codes of 2 dims
+        assert!(u.fast - u.codebooks - codes <= 66 * row, "exact rows left: {}", (u.fast - u.codebooks - codes) / row);
 
         let mut be = Backend::new(config(&format!("{opts},prefill=coded"))).unwrap();
         feed(&mut be, 0, 20);

@@ -98,6 +98,25 @@ impl Slab {
         // SAFETY: reading the capacity only, under &self with no concurrent resize.
         unsafe { (*self.rows.get()).capacity() * 2 }
     }
+
+    /// Give back the memory of free rows once they are most of the slab (after a prompt's
+    /// exact keys were encoded): rows in use move to the front, the rest is freed.
+    fn compact(&mut self) {
+        let len = self.row_len;
+        let used = self.slot.iter().filter(|&&s| s != NONE).count();
+        let rows = self.rows.get_mut();
+        if rows.len() / len.max(1) <= 2 * used + 64 {
+            return;
+        }
+        let mut packed = Vec::with_capacity(used * len);
+        for s in self.slot.iter_mut().filter(|s| **s != NONE) {
+            let old = *s as usize;
+            packed.extend_from_slice(&rows[old * len..(old + 1) * len]);
+            *s = (packed.len() / len - 1) as u32;
+        }
+        *rows = packed;
+        self.free.clear();
+    }
 }
 
 /// What a query needs to be scored against coded keys, built once per (token, query head).
@@ -127,6 +146,8 @@ pub struct KeyStore {
     coded: Coded,
     fit_tokens: usize,
     seed: u64,
+    /// most bytes the exact rows have held (prefill=exact keeps a whole prompt exact)
+    peak_exact: usize,
 }
 
 impl KeyStore {
@@ -149,7 +170,7 @@ impl KeyStore {
                 Coded::Int { bits, group, codes: vec![0; n_cells * per], scale: vec![0.0; n_groups], zero: vec![0.0; n_groups] }
             }
         };
-        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row), coded, fit_tokens, seed })
+        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row), coded, fit_tokens, seed, peak_exact: 0 })
     }
 
     pub fn is_exact_codec(&self) -> bool {
@@ -202,6 +223,7 @@ impl KeyStore {
     /// Encode every exact cell that `keep_exact` does not protect, fitting the online codebook
     /// first when enough keys have arrived. Returns a line to log when a codebook was fitted.
     pub fn settle(&mut self, keep_exact: impl Fn(usize) -> bool) -> Result<Option<String>> {
+        self.peak_exact = self.peak_exact.max(self.slab.bytes());
         let exact: Vec<usize> = (0..self.slab.slot.len()).filter(|&c| self.slab.has(c)).collect();
         let mut note = None;
         if let Coded::Pq { dim, centroids, scope, books, .. } = &mut self.coded {
@@ -250,6 +272,7 @@ impl KeyStore {
             self.encode(c, &buf);
             self.slab.release(c);
         }
+        self.slab.compact();
         Ok(note)
     }
 
@@ -517,6 +540,11 @@ impl KeyStore {
             Coded::Pq { books, .. } => books,
             _ => &[],
         }
+    }
+
+    /// Most bytes the exact rows held at once so far.
+    pub fn peak_exact_bytes(&self) -> usize {
+        self.peak_exact.max(self.slab.bytes())
     }
 
     pub fn exact_cells(&self) -> usize {

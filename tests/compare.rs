@@ -36,7 +36,7 @@ fn compare_writes_sane_rows() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("| configuration | mean KLD | p99 KLD | top-1 |"), "{stdout}");
+    assert!(stdout.contains("| configuration | fast tier (% of f16) | total | mean KLD | p99 KLD | top-1 |"), "{stdout}");
     let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 4);
@@ -44,6 +44,16 @@ fn compare_writes_sane_rows() {
     assert_eq!(rows[0]["config"]["name"], "stock f16");
     assert_eq!((get(0, "kld_mean"), get(0, "top1")), (0.0, 1.0), "the reference against itself");
     assert!(get(2, "kld_mean") < 1e-4, "hc exact: {}", get(2, "kld_mean"));
+    let share = |i: usize| rows[i]["memory"]["fast"].as_f64().unwrap() / rows[i]["memory"]["f16"].as_f64().unwrap();
+    assert_eq!(share(0), 1.0);
+    assert!((share(1) - 18.0 / 64.0).abs() < 0.01, "q4_0: {}", share(1));
+    assert!((share(2) - 0.5).abs() < 1e-9, "hc exact: keys are half the f16 cache: {}", share(2));
+    // cpu12.5: 12.5% codes plus the one exact row of the newest token, and the codebooks
+    // (which dominate at this tiny context)
+    let m = &rows[3]["memory"];
+    let codes = (m["fast"].as_f64().unwrap() - m["codebooks"].as_f64().unwrap()) / m["f16"].as_f64().unwrap();
+    assert!(codes > 0.125 && codes < 0.16, "cpu12.5 codes: {codes}");
+    assert!(m["codebooks"].as_f64().unwrap() > 0.0);
     for (i, r) in rows.iter().enumerate() {
         for k in ["kld_mean", "kld_p99", "top1", "ppl", "prefill_ratio", "decode_ratio"] {
             let v = get(i, k);
@@ -51,6 +61,8 @@ fn compare_writes_sane_rows() {
         }
         assert!(get(i, "kld_p99") >= get(i, "kld_mean") * 0.999 || get(i, "kld_mean") < 1e-9, "{r}");
         assert!(get(i, "top1") <= 1.0);
+        let mem = |k: &str| r["memory"][k].as_f64().unwrap();
+        assert!(mem("f16") > 0.0 && mem("fast") > 0.0 && mem("fast") <= mem("f16") + 1.0, "row {i}: {}", r["memory"]);
     }
     std::fs::remove_file(&json).unwrap();
 }

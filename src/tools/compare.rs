@@ -77,9 +77,28 @@ pub struct Protocol {
     pub threads: i32,
 }
 
+/// Bytes a configuration holds, per tier; stock caches are all fast tier.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Memory {
+    pub fast: usize,
+    pub host: usize,
+    pub file: usize,
+    pub codebooks: usize,
+    /// what stock's f16 cache takes for this context
+    pub f16: usize,
+}
+
+impl Memory {
+    /// The fast tier as a share of the stock f16 cache.
+    pub fn fast_share(&self) -> f64 {
+        self.fast as f64 / self.f16.max(1) as f64
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub config: Config,
+    pub memory: Memory,
     pub kld_mean: f64,
     pub kld_p99: f64,
     /// share of steps whose argmax equals stock f16's
@@ -120,6 +139,8 @@ pub fn p99(v: &[f64]) -> f64 {
 struct Run {
     /// logits of each scored step
     logits: Vec<Vec<f32>>,
+    /// the hc backend's use at the end (None for stock)
+    usage: Option<(crate::backend::Usage, usize)>,
     prefill_s: f64,
     decode_s: f64,
 }
@@ -154,7 +175,10 @@ fn run_one(model: &Model, tokens: &[i32], p: &Protocol, o: &ContextOptions, labe
         }
     }
     bar.finish_and_clear();
-    Ok(Run { logits, prefill_s, decode_s: t1.elapsed().as_secs_f64() })
+    let decode_s = t1.elapsed().as_secs_f64();
+    // SAFETY: this thread drives the only context, and it is idle between decodes
+    let usage = unsafe { crate::abi::live_backends(|b| b.last().map(|be| (be.usage(), be.f16_cache_bytes()))) };
+    Ok(Run { logits, prefill_s, decode_s, usage })
 }
 
 /// Run every configuration; stock f16 runs first as the reference whether listed or not.
@@ -167,6 +191,12 @@ pub fn run(model: &Model, tokens: &[i32], p: &Protocol, configs: &[Config], mut 
     }
     let base = ContextOptions { n_ctx: p.ctx as u32, n_batch: 512, n_ubatch: 512, n_threads: p.threads, ..Default::default() };
     let f16 = Config::parse("f16")?;
+    // the stock f16 cache's size, read off an exact hc backend for the same context
+    let f16_bytes = {
+        let _probe = Context::new(model, &ContextOptions { kv_backend: Some("hc".into()), ..base.clone() })?;
+        // SAFETY: the probe context is idle
+        unsafe { crate::abi::live_backends(|b| b.last().map(|be| be.f16_cache_bytes())) }.unwrap_or(0)
+    };
     let reference = run_one(model, tokens, p, &f16.context_options(&base), "stock f16")?;
     let ref_log: Vec<Vec<f64>> = reference.logits.iter().map(|l| log_softmax(l)).collect();
     let prompt = p.ctx - p.score - 1;
@@ -179,8 +209,21 @@ pub fn run(model: &Model, tokens: &[i32], p: &Protocol, configs: &[Config], mut 
         let nll: f64 = r.logits.iter().enumerate().map(|(k, l)| -log_softmax(l)[tokens[prompt + k + 1] as usize]).sum();
         let prefill_tps = prompt as f64 / r.prefill_s;
         let decode_tps = (p.score - 1) as f64 / r.decode_s;
+        let memory = match (&r.usage, c.cache_type.as_deref()) {
+            (Some((u, f)), _) => Memory { fast: u.fast, host: u.host, file: u.file, codebooks: u.codebooks, f16: *f },
+            (None, t) => {
+                // bits per element of the block formats: q8_0 34 bytes and q4_0 18 bytes per 32
+                let bytes = match t {
+                    Some("q8_0") => f16_bytes / 64 * 34,
+                    Some("q4_0") => f16_bytes / 64 * 18,
+                    _ => f16_bytes,
+                };
+                Memory { fast: bytes, host: bytes, file: 0, codebooks: 0, f16: f16_bytes }
+            }
+        };
         let row = Row {
             config: c.clone(),
+            memory,
             kld_mean: klds.iter().sum::<f64>() / klds.len() as f64,
             kld_p99: p99(&klds),
             top1: top1 as f64 / p.score as f64,
@@ -202,11 +245,18 @@ fn argmax64(v: &[f64]) -> usize {
 
 /// The table as Markdown.
 pub fn markdown(rows: &[Row]) -> String {
-    let mut s = String::from("| configuration | mean KLD | p99 KLD | top-1 | PPL | prefill x f16 | decode x f16 |\n|---|---|---|---|---|---|---|\n");
+    let mut s = String::from(
+        "| configuration | fast tier (% of f16) | total | mean KLD | p99 KLD | top-1 | PPL | prefill x f16 | decode x f16 |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
     for r in rows {
+        let m = &r.memory;
         s += &format!(
-            "| {} | {:.4} | {:.4} | {:.1}% | {:.3} | {:.2}x | {:.2}x |\n",
+            "| {} | {:.1} MiB ({:.1}%) | {:.1} MiB | {:.4} | {:.4} | {:.1}% | {:.3} | {:.2}x | {:.2}x |\n",
             r.config.name,
+            mib(m.fast),
+            m.fast_share() * 100.0,
+            mib(m.host + m.file),
             r.kld_mean,
             r.kld_p99,
             r.top1 * 100.0,
