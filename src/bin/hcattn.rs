@@ -54,6 +54,62 @@ enum Cmd {
         /// also write the rows as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
+        /// also draw quality against memory as SVG here
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+    /// Pass-key retrieval: a random key hidden at a depth of filler text, asked for at the end;
+    /// accuracy per context length and depth for each configuration.
+    Needle {
+        /// model file, or a pinned model's name: smollm2 (default), gemma3
+        #[arg(short, long)]
+        model: Option<String>,
+        /// filler text (default: the pinned KJV text)
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
+        #[arg(long, num_args = 1.., default_values_t = [1024usize, 2048, 4096])]
+        lengths: Vec<usize>,
+        /// where the key sits in the filler, 0 to 1
+        #[arg(long, num_args = 1.., default_values_t = [0.1f64, 0.5, 0.9])]
+        depths: Vec<f64>,
+        /// keys per cell
+        #[arg(long, default_value_t = 2)]
+        trials: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// configurations, as for compare
+        #[arg(long, num_args = 1.., default_values_t = ["f16".to_string(), "25".to_string(), "12.5".to_string(), "cpu12.5".to_string()])]
+        configs: Vec<String>,
+        #[arg(short, long)]
+        threads: Option<i32>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// heat maps as SVG
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+    /// Prefill and decode tokens/s at several depths, as ratios to stock f16 in the same run.
+    Bench {
+        /// model file, or a pinned model's name: smollm2 (default), gemma3
+        #[arg(short, long)]
+        model: Option<String>,
+        #[arg(long, num_args = 1.., default_values_t = [0usize, 4096, 8192])]
+        depths: Vec<usize>,
+        /// tokens prefilled (timed) at each depth
+        #[arg(long, default_value_t = 512)]
+        n_prompt: usize,
+        /// tokens decoded (timed from the second) at each depth
+        #[arg(long, default_value_t = 32)]
+        n_gen: usize,
+        /// repetitions; the best is kept
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
+        #[arg(long, num_args = 1.., default_values_t = ["f16".to_string(), "q4_0".to_string(), "cpu12.5".to_string()])]
+        configs: Vec<String>,
+        #[arg(short, long)]
+        threads: Option<i32>,
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Fit PQ key codebooks on a text's keys and write them as a GGUF sidecar for
     /// `--kv-backend-opts codebook=FILE`.
@@ -102,6 +158,42 @@ fn default_model(m: Option<String>) -> Result<PathBuf> {
     }
 }
 
+fn write_out(path: Option<&std::path::Path>, content: &str) -> Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, content).map_err(|e| anyhow!("cannot write {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Register hc, load the model, and tokenize at least `want` tokens of the text (default: the
+/// pinned KJV).
+fn load_with_text(model: Option<String>, file: Option<PathBuf>, want: usize) -> Result<(hcattn::llama::Model, Vec<i32>)> {
+    let model_path = default_model(model)?;
+    let text_path = match file {
+        Some(f) => f,
+        None => hcattn::texts::kjv()?,
+    };
+    let text = std::fs::read(&text_path).map_err(|e| anyhow!("cannot read the text {}: {e}", text_path.display()))?;
+    hcattn::llama::register_hc()?;
+    let m = hcattn::llama::Model::load(&model_path)?;
+    let tokens = tokenize_prefix(&m, &String::from_utf8_lossy(&text), want)?;
+    Ok((m, tokens))
+}
+
+/// Tokenize a prefix of `text` that is surely long enough for `want` tokens (a whole book
+/// takes a while), or all of it.
+fn tokenize_prefix(m: &hcattn::llama::Model, text: &str, want: usize) -> Result<Vec<i32>> {
+    let mut cut = text.len().min(want.saturating_mul(16));
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let tokens = m.tokenize(&text[..cut], true)?;
+    if tokens.len() < want && cut < text.len() {
+        return m.tokenize(text, true);
+    }
+    Ok(tokens)
+}
+
 fn default_threads() -> i32 {
     std::thread::available_parallelism().map_or(2, |n| n.get() as i32)
 }
@@ -118,32 +210,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", hcattn::texts::kjv()?.display());
         }
-        Cmd::Compare { model, file, ctx, score, configs, threads, json } => {
+        Cmd::Compare { model, file, ctx, score, configs, threads, json, svg } => {
             use hcattn::tools::compare;
             let configs = configs.iter().map(|c| compare::Config::parse(c)).collect::<Result<Vec<_>>>()?;
-            let model_path = default_model(model)?;
-            let text_path = match file {
-                Some(f) => f,
-                None => hcattn::texts::kjv()?,
-            };
-            let text = std::fs::read(&text_path).map_err(|e| anyhow!("cannot read the text {}: {e}", text_path.display()))?;
-            hcattn::llama::register_hc()?;
-            let m = hcattn::llama::Model::load(&model_path)?;
-            // tokenize a prefix that is surely long enough (a whole book takes a while)
-            let text = String::from_utf8_lossy(&text);
-            let mut cut = text.len().min(ctx * 16);
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let mut tokens = m.tokenize(&text[..cut], true)?;
-            if tokens.len() < ctx && cut < text.len() {
-                tokens = m.tokenize(&text, true)?;
-            }
+            let (m, tokens) = load_with_text(model, file, ctx)?;
             let p = compare::Protocol { ctx, score, threads: threads.unwrap_or_else(default_threads) };
             eprintln!(
-                "hcattn: {} on {}: prompt {} tokens, {} scored single-token steps",
-                model_path.display(),
-                text_path.display(),
+                "hcattn: prompt {} tokens, {} scored single-token steps",
                 ctx.saturating_sub(score + 1),
                 score
             );
@@ -151,9 +224,31 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("  {:40} mean KLD {:.4}  p99 {:.4}  top-1 {:.1}%", r.config.name, r.kld_mean, r.kld_p99, r.top1 * 100.0)
             })?;
             print!("{}", compare::markdown(&rows));
-            if let Some(j) = json {
-                std::fs::write(&j, serde_json::to_string_pretty(&rows)?).map_err(|e| anyhow!("cannot write {}: {e}", j.display()))?;
-            }
+            write_out(json.as_deref(), &serde_json::to_string_pretty(&rows)?)?;
+            write_out(svg.as_deref(), &compare::svg(&rows))?;
+        }
+        Cmd::Needle { model, file, lengths, depths, trials, seed, configs, threads, json, svg } => {
+            use hcattn::tools::{compare, needle};
+            let configs = configs.iter().map(|c| compare::Config::parse(c)).collect::<Result<Vec<_>>>()?;
+            let (m, tokens) = load_with_text(model, file, lengths.iter().copied().max().unwrap_or(0) + 1000)?;
+            let a = needle::Args { lengths, depths, trials, seed, threads: threads.unwrap_or_else(default_threads) };
+            let cells = needle::run(&m, &tokens, &configs, &a, |c| {
+                eprintln!("  {:40} length {:6} depth {:.2}: {}/{} found", c.config, c.length, c.depth, c.found, c.trials)
+            })?;
+            print!("{}", needle::markdown(&cells, &a));
+            write_out(json.as_deref(), &serde_json::to_string_pretty(&cells)?)?;
+            write_out(svg.as_deref(), &needle::svg(&cells, &a))?;
+        }
+        Cmd::Bench { model, depths, n_prompt, n_gen, reps, configs, threads, json } => {
+            use hcattn::tools::{bench, compare};
+            let configs = configs.iter().map(|c| compare::Config::parse(c)).collect::<Result<Vec<_>>>()?;
+            let (m, tokens) = load_with_text(model, None, 4096)?;
+            let a = bench::Args { depths, n_prompt, n_gen, reps, threads: threads.unwrap_or_else(default_threads) };
+            let rows = bench::run(&m, &tokens, &configs, &a, |r| {
+                eprintln!("  {:40} depth {:6}: prefill {:.2}x, decode {:.2}x", r.config, r.depth, r.prefill_ratio, r.decode_ratio)
+            })?;
+            print!("{}", bench::markdown(&rows));
+            write_out(json.as_deref(), &serde_json::to_string_pretty(&rows)?)?;
         }
         Cmd::Calibrate { model, file, tokens, pq_dim, centroids, scope, seed, threads, output } => {
             let threads = threads.unwrap_or_else(default_threads);

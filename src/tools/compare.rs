@@ -50,7 +50,7 @@ impl Config {
         Ok(Config { name, hc_opts: Some(opts), cache_type: None })
     }
 
-    fn context_options(&self, base: &ContextOptions) -> ContextOptions {
+    pub fn context_options(&self, base: &ContextOptions) -> ContextOptions {
         match (&self.hc_opts, &self.cache_type) {
             (Some(o), _) => ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some(o.clone()), ..base.clone() },
             (None, t) => {
@@ -293,4 +293,13 @@ mod tests {
         assert_eq!(p99(&v), 198.0);
         assert_eq!(p99(&[5.0]), 5.0);
     }
+}
+
+/// Quality against memory: mean KLD over the fast tier's share of the f16 cache.
+pub fn svg(rows: &[Row]) -> String {
+    let pts: Vec<super::svg::Point> = rows
+        .iter()
+        .map(|r| super::svg::Point { label: r.config.name.clone(), x: r.memory.fast_share() * 100.0, y: r.kld_mean })
+        .collect();
+    super::svg::scatter_log_y("quality against memory", "fast tier, % of the stock f16 cache", "mean KL divergence to stock f16", &pts)
 }

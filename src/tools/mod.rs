@@ -1,7 +1,10 @@
 //! The `hcattn` tool's subcommands, as library functions so that tests can drive them too.
 
 pub mod calibrate;
+pub mod bench;
 pub mod compare;
+pub mod needle;
+pub mod svg;
 
 use indicatif::{ProgressBar, ProgressStyle};
 

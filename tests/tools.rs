@@ -1,12 +1,20 @@
-//! `hcattn compare` on a generated model: the table and the JSON, and its errors.
+//! The `hcattn` tool: compare, needle and bench (the table, JSON and SVG outputs, and errors).
 
 mod common;
 use common::*;
 
 use std::process::Command;
 
+fn tool(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hcattn")).arg(cmd).args(["-t", "2"]).args(args).output().unwrap()
+}
+
 fn compare(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hcattn")).arg("compare").args(["-t", "2"]).args(args).output().unwrap()
+    tool("compare", args)
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("hcattn-tools-{}-{name}", std::process::id()))
 }
 
 fn readme() -> String {
@@ -28,6 +36,8 @@ fn compare_writes_sane_rows() {
         "24",
         "--json",
         json.to_str().unwrap(),
+        "--svg",
+        tmp("c.svg").to_str().unwrap(),
         "--configs",
         "f16",
         "q4_0",
@@ -65,6 +75,56 @@ fn compare_writes_sane_rows() {
         assert!(mem("f16") > 0.0 && mem("fast") > 0.0 && mem("fast") <= mem("f16") + 1.0, "row {i}: {}", r["memory"]);
     }
     std::fs::remove_file(&json).unwrap();
+    let svg = std::fs::read_to_string(tmp("c.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<circle").count() == 4, "one point per configuration");
+    std::fs::remove_file(tmp("c.svg")).unwrap();
+}
+
+#[test]
+fn needle_is_found_by_stock_on_a_short_context() {
+    // SmolLM2 finds a key in 256 tokens of KJV filler (measured: 4 of 4)
+    let json = tmp("n.json");
+    let svg = tmp("n.svg");
+    let out = tool(
+        "needle",
+        &["--lengths", "256", "--depths", "0.5", "--trials", "4", "--configs", "f16", "--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cells: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let found = cells[0]["found"].as_u64().unwrap();
+    assert!(found >= 3, "stock found {found} of 4 keys: {}", cells[0]["answers"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| 256 |"));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<rect"));
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+}
+
+#[test]
+fn bench_reports_ratios_to_stock_at_each_depth() {
+    let m = generated("llama");
+    let json = tmp("b.json");
+    let out = tool(
+        "bench",
+        &["-m", m.to_str().unwrap(), "--depths", "0", "64", "--n-prompt", "32", "--n-gen", "4", "--configs", "f16", "hc", "--json", json.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "two depths x two configurations");
+    for r in rows {
+        for k in ["prefill_tps", "decode_tps", "prefill_ratio", "decode_ratio"] {
+            let v = r[k].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{k} = {v} in {r}");
+        }
+        if r["config"] == "stock f16" {
+            assert_eq!((r["prefill_ratio"].as_f64(), r["decode_ratio"].as_f64()), (Some(1.0), Some(1.0)));
+        }
+    }
+    let _ = std::fs::remove_file(&json);
+    let out = tool("bench", &["-m", m.to_str().unwrap(), "--n-gen", "1"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--n-gen >= 2"));
+    let out = tool("needle", &["-m", m.to_str().unwrap(), "--depths", "1.5"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("depth 1.5 is outside [0, 1]"));
 }
 
 #[test]

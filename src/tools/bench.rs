@@ -1,0 +1,118 @@
+//! `hcattn bench`: prefill and decode speed at several depths, each configuration as a ratio
+//! to stock f16 at the same depth in the same run (as llama-bench's pp and tg tests at `-d`).
+//!
+//! Per depth and configuration: a fresh context is filled with `depth` tokens (not timed), then
+//! `n_prompt` tokens are prefilled in one batch (timed: prefill), then `n_gen` tokens are decoded
+//! one at a time (timed from the second step: the first one also encodes a prompt kept exact by
+//! prefill=exact, a one-time cost that belongs to the prompt).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::compare::Config;
+use crate::llama::{Batch, Context, ContextOptions, Model};
+
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub depths: Vec<usize>,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub reps: usize,
+    pub threads: i32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub config: String,
+    pub depth: usize,
+    /// best of the repetitions
+    pub prefill_tps: f64,
+    pub decode_tps: f64,
+    pub prefill_ratio: f64,
+    pub decode_ratio: f64,
+}
+
+fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOptions) -> Result<(f64, f64)> {
+    let mut ctx = Context::new(model, o)?;
+    let tok = |i: usize| tokens[i % tokens.len()];
+    let feed = |ctx: &mut Context, from: usize, n: usize| -> Result<()> {
+        let mut done = 0;
+        while done < n {
+            let m = (n - done).min(o.n_batch as usize);
+            let mut b = Batch::default();
+            for j in 0..m {
+                let pos = from + done + j;
+                b.add(tok(pos), pos as i32, &[0], done + j + 1 == n);
+            }
+            ctx.decode(&b)?;
+            done += m;
+        }
+        Ok(())
+    };
+    feed(&mut ctx, 0, depth)?;
+    let t0 = Instant::now();
+    feed(&mut ctx, depth, a.n_prompt)?;
+    let prefill = a.n_prompt as f64 / t0.elapsed().as_secs_f64();
+    let mut t1 = Instant::now();
+    for k in 0..a.n_gen {
+        let pos = depth + a.n_prompt + k;
+        let mut b = Batch::default();
+        b.add(tok(pos), pos as i32, &[0], true);
+        ctx.decode(&b)?;
+        if k == 0 {
+            t1 = Instant::now();
+        }
+    }
+    let decode = (a.n_gen - 1) as f64 / t1.elapsed().as_secs_f64();
+    Ok((prefill, decode))
+}
+
+/// Every (depth, configuration); stock f16 runs first at each depth as the reference.
+pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> {
+    if a.n_gen < 2 || a.n_prompt == 0 || a.reps == 0 || tokens.is_empty() {
+        bail!("bench needs --n-prompt >= 1, --n-gen >= 2, --reps >= 1 and some tokens");
+    }
+    let f16 = Config::parse("f16")?;
+    let mut rows = Vec::new();
+    let bar = super::bar((a.depths.len() * (configs.len() + 1) * a.reps) as u64, "bench");
+    for &depth in &a.depths {
+        let base = ContextOptions {
+            n_ctx: (depth + a.n_prompt + a.n_gen + 8) as u32,
+            n_batch: a.n_prompt.max(512) as u32,
+            n_ubatch: 512,
+            n_threads: a.threads,
+            ..Default::default()
+        };
+        let best = |c: &Config| -> Result<(f64, f64)> {
+            let mut b = (0.0f64, 0.0f64);
+            for _ in 0..a.reps {
+                let (p, d) = once(model, tokens, depth, a, &c.context_options(&base))?;
+                b = (b.0.max(p), b.1.max(d));
+                bar.inc(1);
+            }
+            Ok(b)
+        };
+        let reference = best(&f16)?;
+        for c in configs {
+            let (p, d) = if *c == f16 { reference } else { best(c)? };
+            let row = Row { config: c.name.clone(), depth, prefill_tps: p, decode_tps: d, prefill_ratio: p / reference.0, decode_ratio: d / reference.1 };
+            report(&row);
+            rows.push(row);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from("| configuration | depth | prefill t/s | x f16 | decode t/s | x f16 |\n|---|---|---|---|---|---|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x |\n",
+            r.config, r.depth, r.prefill_tps, r.prefill_ratio, r.decode_tps, r.decode_ratio
+        );
+    }
+    s
+}
