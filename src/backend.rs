@@ -566,8 +566,9 @@ impl Backend {
                     let (a, b) = (list.partition_point(|e| e.0 < lo), list.partition_point(|e| e.0 <= hi));
                     ranges.push((a, b.max(a)));
                     for h in kvh * g..(kvh + 1) * g {
-                        // queries rounded to f16 as stock does (see the per-token path)
-                        qbuf.extend(q.row(t, h)[..d.dk].iter().map(|&x| half::f16::from_f32(x).to_f32()));
+                        // f32 queries, as stock's tiled prompt kernel has them (its one-token
+                        // kernel rounds them to f16, and so does the per-token path here)
+                        qbuf.extend_from_slice(&q.row(t, h)[..d.dk]);
                     }
                 }
                 let sinks = call.sinks.map(|s| &s[kvh * g..(kvh + 1) * g]);
