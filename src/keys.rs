@@ -131,11 +131,61 @@ pub struct Prep {
     exact: Vec<f32>,
 }
 
+/// PQ codes: one byte each up to 256 centroids, two bytes above (what the memory report counts).
+enum Codes {
+    Narrow(Vec<u8>),
+    Wide(Vec<u16>),
+}
+
+impl Codes {
+    fn new(n: usize, centroids: usize) -> Codes {
+        if code_bits(centroids) == 8 {
+            Codes::Narrow(vec![0; n])
+        } else {
+            Codes::Wide(vec![0; n])
+        }
+    }
+
+    /// Bytes held (the memory report reads this, not a formula).
+    fn bytes(&self) -> usize {
+        match self {
+            Codes::Narrow(v) => v.capacity(),
+            Codes::Wide(v) => v.capacity() * 2,
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> usize {
+        match self {
+            Codes::Narrow(v) => v[i] as usize,
+            Codes::Wide(v) => v[i] as usize,
+        }
+    }
+
+    #[inline]
+    fn set(&mut self, i: usize, code: u32) {
+        match self {
+            Codes::Narrow(v) => v[i] = code as u8,
+            Codes::Wide(v) => v[i] = code as u16,
+        }
+    }
+}
+
+/// Sum of one table entry per sub-vector: the approximate <q, k> of a coded key.
+#[inline(always)]
+fn gather_sum<T: Copy + Into<usize>>(codes: &[T], table: &[f32], m: usize) -> f32 {
+    let mut s = 0.0f32;
+    for (i, &code) in codes.iter().enumerate() {
+        s += table[i * m + code.into()];
+    }
+    s
+}
+
 enum Coded {
     None,
     /// `books`: empty until fitted or loaded, then one (scope layer or model) or one per group;
     /// shared (Arc) when one model-scope codebook serves every layer
-    Pq { dim: usize, centroids: usize, scope: Scope, books: Vec<Arc<Codebook>>, codes: Vec<u16> },
+    Pq { dim: usize, centroids: usize, scope: Scope, books: Vec<Arc<Codebook>>, codes: Codes },
     Int { bits: u32, group: usize, codes: Vec<u8>, scale: Vec<f32>, zero: Vec<f32> },
 }
 
@@ -159,7 +209,7 @@ impl KeyStore {
                 if dk % dim != 0 {
                     return Err(Error::Config(format!("pq_dim={dim} does not divide the head dimension {dk}")));
                 }
-                Coded::Pq { dim, centroids, scope, books: Vec::new(), codes: vec![0; n_cells * row / dim] }
+                Coded::Pq { dim, centroids, scope, books: Vec::new(), codes: Codes::new(n_cells * row / dim, centroids) }
             }
             KeyCodec::Int { bits, group } => {
                 if dk % group != 0 {
@@ -183,7 +233,7 @@ impl KeyStore {
         let row = self.n_head_kv * self.dk;
         match &self.coded {
             Coded::None => n_cells * row * 2,
-            Coded::Pq { dim, centroids, .. } => n_cells * row / dim * code_bits(*centroids) as usize / 8 + self.slab.bytes(),
+            Coded::Pq { codes, .. } => codes.bytes() + self.slab.bytes(),
             Coded::Int { codes, scale, zero, .. } => codes.len() + (scale.len() + zero.len()) * 4 + self.slab.bytes(),
         }
     }
@@ -283,8 +333,8 @@ impl KeyStore {
             Coded::Pq { dim, books, codes, .. } => {
                 let g = row / *dim;
                 let per_head = self.dk / *dim;
-                for (i, (d, x)) in codes[cell * g..(cell + 1) * g].iter_mut().zip(keys.chunks_exact(*dim)).enumerate() {
-                    *d = books[if books.len() == 1 { 0 } else { i % per_head }].nearest(x) as u16;
+                for (i, x) in keys.chunks_exact(*dim).enumerate() {
+                    codes.set(cell * g + i, books[if books.len() == 1 { 0 } else { i % per_head }].nearest(x));
                 }
             }
             Coded::Int { bits, group, codes, scale, zero } => {
@@ -320,7 +370,8 @@ impl KeyStore {
             Coded::Pq { dim, books, codes, .. } => {
                 let g = row / *dim;
                 let per_head = self.dk / *dim;
-                for (i, (&code, o)) in codes[cell * g..(cell + 1) * g].iter().zip(out.chunks_exact_mut(*dim)).enumerate() {
+                for (i, o) in out.chunks_exact_mut(*dim).enumerate().take(g) {
+                    let code = codes.get(cell * g + i);
                     match books.get(if books.len() == 1 { 0 } else { i % per_head }) {
                         Some(b) => o.copy_from_slice(&b.centroids()[code as usize * dim..(code as usize + 1) * dim]),
                         None => o.iter_mut().for_each(|x| *x = 0.0),
@@ -400,14 +451,13 @@ impl KeyStore {
                     let gs = dk / dim;
                     let m = *centroids;
                     let per = gs * m;
-                    let row_codes = &codes[(c * self.n_head_kv + kvh) * gs..(c * self.n_head_kv + kvh + 1) * gs];
+                    let span = (c * self.n_head_kv + kvh) * gs..(c * self.n_head_kv + kvh + 1) * gs;
                     for h in 0..g {
                         let t = &prep.tables[h * per..(h + 1) * per];
-                        let mut s = 0.0f32;
-                        for (i, &code) in row_codes.iter().enumerate() {
-                            s += t[i * m + code as usize];
-                        }
-                        out[h * n + j] = s;
+                        out[h * n + j] = match codes {
+                            Codes::Narrow(v) => gather_sum(&v[span.clone()], t, m),
+                            Codes::Wide(v) => gather_sum(&v[span.clone()], t, m),
+                        };
                     }
                 }
                 Coded::Int { bits, group, codes, scale, zero } => {
@@ -456,7 +506,8 @@ impl KeyStore {
             Coded::None => {}
             Coded::Pq { dim, codes, .. } => {
                 let g = row / dim;
-                let b: Vec<u8> = codes[cell * g..(cell + 1) * g].iter().flat_map(|x| x.to_le_bytes()).collect();
+                // two bytes per code whatever the width in memory (the state format)
+                let b: Vec<u8> = (cell * g..(cell + 1) * g).flat_map(|i| (codes.get(i) as u16).to_le_bytes()).collect();
                 w(&b);
             }
             Coded::Int { bits, group, codes, scale, zero } => {
@@ -504,11 +555,12 @@ impl KeyStore {
                         if !r(&mut b) {
                             return Err(short());
                         }
-                        for (d, s) in codes[cell * g..(cell + 1) * g].iter_mut().zip(b.chunks_exact(2)) {
-                            *d = u16::from_le_bytes([s[0], s[1]]);
-                            if *d as usize >= *centroids {
+                        for (i, s) in b.chunks_exact(2).enumerate() {
+                            let d = u16::from_le_bytes([s[0], s[1]]);
+                            if d as usize >= *centroids {
                                 return Err(Error::State(format!("code {d} is out of range")));
                             }
+                            codes.set(cell * g + i, d as u32);
                         }
                         Ok(())
                     }
