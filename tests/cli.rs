@@ -23,7 +23,7 @@ fn text_of(o: &Output) -> (String, String) {
 
 /// The answer part of llama-cli's output (after the echoed prompt, before the speed line).
 fn cli_answer(stdout: &str) -> String {
-    let after = stdout.split("> What is the capital of France?").nth(1).unwrap_or("");
+    let after = stdout.split("> What is the capital of Germany?").nth(1).unwrap_or("");
     after.split("[ Prompt:").next().unwrap_or("").trim().to_string()
 }
 
@@ -31,7 +31,7 @@ fn cli_answer(stdout: &str) -> String {
 fn llama_cli_one_shot_runs_with_hc() {
     let m = smollm2();
     let m = m.to_str().unwrap();
-    let args = ["-m", m, "-p", "What is the capital of France?", "-n", "24", "-st", "--temp", "0", "-t", "2", "-lv", "4"];
+    let args = ["-m", m, "-p", "What is the capital of Germany?", "-n", "24", "-st", "--temp", "0", "-t", "2", "-lv", "4"];
     let stock = tool("llama-cli", &args);
     let mut hc_args = args.to_vec();
     hc_args.extend(["--kv-backend", "hc", "--kv-backend-opts", "keys=f16,tau=1"]);
@@ -45,7 +45,9 @@ fn llama_cli_one_shot_runs_with_hc() {
     let (a, b) = (cli_answer(&so), cli_answer(&ho));
     assert!(!b.is_empty(), "hc gave no answer:\n{ho}");
     // free-running greedy text flips at near-ties even between stock's own attention paths
-    // (tests/real_model.rs measures that); the first word has a clear margin
+    // (tests/real_model.rs measures that), and between builds for different CPUs: asked for
+    // the capital of France, stock itself answers "The capital ..." on one machine and
+    // "L'Étoile, ..." on another. The first word of this answer has a clear margin.
     assert_eq!(a.split_whitespace().next(), b.split_whitespace().next(), "stock: {a:?}\nhc: {b:?}");
 }
 
