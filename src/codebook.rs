@@ -353,7 +353,7 @@ const INIT_SAMPLE_PER_CENTROID: usize = 32;
 const INIT_CHUNK: usize = 4096;
 
 /// Mini-batch k-means stops once it has drawn this many times the data's size in points...
-const MAX_EPOCHS: usize = 20;
+const MAX_EPOCHS: usize = 100;
 /// ...but runs at least this many batches (or max_iter, when fewer).
 const MIN_BATCHES: usize = 10;
 
