@@ -213,6 +213,8 @@ pub struct BlockScratch {
     m: Vec<f32>,
     l: Vec<f32>,
     acc: Vec<f32>,
+    /// one token's outputs, handed to `out`
+    out: Vec<f32>,
 }
 
 /// Exact attention of a block of query tokens over one KV head, for prompts: each key and
@@ -376,7 +378,8 @@ fn exact_block_portable<'a>(
         }
         c0 = c1;
     }
-    let mut o = vec![0.0f32; g * dv];
+    s.out.resize(g * dv, 0.0);
+    let o = &mut s.out;
     for t in 0..ranges.len() {
         for h in 0..g {
             let r = t * g + h;
@@ -400,7 +403,7 @@ fn exact_block_portable<'a>(
                 }
             }
         }
-        out(t, &o);
+        out(t, o);
     }
 }
 
