@@ -63,7 +63,7 @@ pub struct Scale {
 
 impl Scale {
     #[inline]
-    fn logit(self, dot: f32) -> f32 {
+    pub(crate) fn logit(self, dot: f32) -> f32 {
         let z = dot * self.kq_scale;
         if self.softcap != 0.0 {
             self.softcap * (z / self.softcap).tanh()
@@ -107,7 +107,7 @@ pub fn exact<'a>(
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     use std::sync::OnceLock;
     static YES: OnceLock<bool> = OnceLock::new();
     *YES.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
@@ -568,112 +568,5 @@ mod tests {
         assert_eq!(pos(visible(&list, 10, true, Window::Symmetric(4))), vec![8, 9, 10]);
         assert!(Window::from_c(1, 0).is_none());
         assert!(Window::from_c(7, 4).is_none());
-    }
-}
-
-/// Settings of the approximate path.
-#[derive(Debug, Clone, Copy)]
-pub struct Approx {
-    pub tau: f32,
-    pub renorm: bool,
-    /// one k for all heads of the layer (the paper's code) instead of one per head
-    pub layer_k: bool,
-}
-
-/// Per-thread scratch of [`approximate`].
-#[derive(Default)]
-pub struct ApproxScratch {
-    prep: crate::keys::Prep,
-    q: Vec<f32>,
-    probs: Vec<f32>,
-    ks: Vec<usize>,
-    sel: Vec<u32>,
-    top: crate::select::TopP,
-    v: Vec<f32>,
-}
-
-/// HCAttention for one query token and the KV heads in `kv_heads`: scores from the key store
-/// (codes, or exact rows where the store keeps them), softmax over every visible token, the
-/// smallest top set reaching `tau` (per head, or one k for all heads handled with
-/// `layer_k`), and the probability-weighted sum of those tokens' values. `q(h)` gives query
-/// head h (f32, dk), `val(cell, kvh)` a value row, `out(kvh)` the g * dv outputs of a group.
-#[allow(clippy::too_many_arguments)]
-pub fn approximate<'a>(
-    keys: &crate::keys::KeyStore,
-    kv_heads: std::ops::Range<usize>,
-    g: usize,
-    dk: usize,
-    dv: usize,
-    cells: &[(i32, u32)],
-    q: impl Fn(usize) -> &'a [f32],
-    val: impl Fn(u32, usize) -> &'a [f16],
-    scale: Scale,
-    sinks: Option<&[f32]>,
-    a: Approx,
-    s: &mut ApproxScratch,
-    mut out: impl FnMut(usize) -> &'a mut [f32],
-) {
-    let n = cells.len();
-    let heads = kv_heads.len() * g;
-    s.probs.resize(heads * n, 0.0);
-    s.ks.clear();
-    for (i, kvh) in kv_heads.clone().enumerate() {
-        s.q.clear();
-        for h in kvh * g..(kvh + 1) * g {
-            // queries rounded to f16 as stock rounds them, so that exact rows score as in stock
-            s.q.extend(q(h)[..dk].iter().map(|&x| f16::from_f32(x).to_f32()));
-        }
-        keys.prepare(&s.q, g, &mut s.prep);
-        let p = &mut s.probs[i * g * n..(i + 1) * g * n];
-        // SAFETY: the attention op runs after the store op (ggml barrier); nothing writes keys now.
-        unsafe { keys.scores(kvh, &mut s.prep, g, cells, p) };
-        for h in 0..g {
-            let l = &mut p[h * n..(h + 1) * n];
-            l.iter_mut().for_each(|x| *x = scale.logit(*x));
-            let sink = sinks.map(|x| x[kvh * g + h]);
-            let mut m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if let Some(sk) = sink {
-                m = m.max(sk);
-            }
-            let mut sum = 0.0f32;
-            for x in l.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
-            }
-            if let Some(sk) = sink {
-                sum += (sk - m).exp();
-            }
-            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-            l.iter_mut().for_each(|x| *x *= inv);
-            if a.layer_k {
-                s.top.select(l, a.tau, &mut s.sel);
-                s.ks.push(s.sel.len());
-            }
-        }
-    }
-    let k_layer = if a.layer_k { crate::select::layer_k(&s.ks, n) } else { 0 };
-    s.v.resize(dv, 0.0);
-    for (i, kvh) in kv_heads.enumerate() {
-        let o = out(kvh);
-        o[..g * dv].iter_mut().for_each(|x| *x = 0.0);
-        for h in 0..g {
-            let p = &s.probs[(i * g + h) * n..(i * g + h + 1) * n];
-            let mass = if a.layer_k {
-                crate::select::top_k(p, k_layer, &mut s.sel);
-                s.sel.iter().map(|&j| p[j as usize] as f64).sum::<f64>()
-            } else {
-                s.top.select(p, a.tau, &mut s.sel)
-            };
-            let w = if a.renorm && mass > 0.0 { (1.0 / mass) as f32 } else { 1.0 };
-            let oh = &mut o[h * dv..(h + 1) * dv];
-            for &j in &s.sel {
-                let c = cells[j as usize].1;
-                val(c, kvh).convert_to_f32_slice(&mut s.v);
-                let pj = p[j as usize] * w;
-                for (x, v) in oh.iter_mut().zip(&s.v) {
-                    *x += pj * v;
-                }
-            }
-        }
     }
 }

@@ -5,9 +5,12 @@
 //! per ubatch `apply` (take cells for the new tokens), then per layer `store` and `attend` on
 //! every graph thread. Sequence operations and state I/O happen between batches.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, UnsafeCell};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::attention::{self, Approx, ApproxScratch, BlockScratch, Scale, Scratch, Window};
+use crate::approx::{self, Approx, ApproxScratch};
+use crate::attention::{self, BlockScratch, Scale, Scratch, Window};
+use crate::barrier::SpinBarrier;
 use crate::cells::{Cells, SeqSet, Seqs};
 use crate::error::{Error, Result};
 use crate::keys::KeyStore;
@@ -114,6 +117,31 @@ pub struct Backend {
     plan: Plan,
     /// the peak of prefill=exact was logged
     prompt_noted: bool,
+    /// what the threads of a one-token decode op share
+    shared: Shared,
+}
+
+/// The one-token decode path (see `Backend::attend_one`) splits each step across the op's
+/// threads. Step 1 writes logits here, one region per (KV head, chunk of cells) work item:
+/// g rows of the chunk's length, back to back, in the order of the items. Step 2 reads them
+/// (after the barrier) and writes each head's k.
+#[derive(Default)]
+struct Shared {
+    logits: UnsafeCell<Vec<f32>>,
+    ks: Vec<AtomicUsize>,
+    barrier: SpinBarrier,
+}
+
+// SAFETY: `logits` is resized only by `apply` (&mut self); during an op, threads write disjoint
+// regions before the barrier and only read after it.
+unsafe impl Sync for Shared {}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Query tokens per block of the prompt kernel (see [`attention::exact_block`]).
@@ -200,13 +228,14 @@ impl Backend {
             }
             let vals = match &o.values {
                 Values::File(dir) if alloc => Rows::in_file(cfg.n_ctx, d.n_head_kv * d.dv, std::path::Path::new(dir))?,
-                _ => Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc),
+                _ => Rows::new(cfg.n_ctx, d.n_head_kv * d.dv, alloc)?,
             };
             layers.push(Layer { desc: d.clone(), keys, vals });
         }
         // a unified cache accepts any sequence id llama.cpp does, whatever n_seq_max says
         let seq_limit = if cfg.kv_unified { crate::cells::MAX_SEQ } else { cfg.n_seq_max };
-        Ok(Backend { cells: Cells::new(cfg.n_ctx, seq_limit), layers, layer_of, plan: Plan::default(), prompt_noted: false, cfg })
+        let cells = Cells::new(cfg.n_ctx, seq_limit)?;
+        Ok(Backend { cells, layers, layer_of, plan: Plan::default(), prompt_noted: false, shared: Shared::default(), cfg })
     }
 
     pub fn config(&self) -> &Config {
@@ -393,6 +422,15 @@ impl Backend {
         for l in &mut self.layers {
             l.keys.reserve(plan.tokens.iter().map(|t| t.1 as usize));
         }
+        if plan.tokens.len() == 1 {
+            let n_head = self.layers.iter().map(|l| l.desc.n_head).max().unwrap_or(0);
+            let need = n_head * plan.lists[0].len();
+            let logits = self.shared.logits.get_mut();
+            if logits.len() < need {
+                logits.resize(need, 0.0);
+            }
+            self.shared.ks.resize_with(n_head.max(self.shared.ks.len()), AtomicUsize::default);
+        }
         self.plan = plan;
         Ok(())
     }
@@ -478,12 +516,15 @@ impl Backend {
             return Ok(());
         }
         if !o.is_exact() {
-            // one k per layer needs every head of a token in one work item
             let layer_k = o.select == Select::Layer;
+            let a = Approx { tau: o.tau, renorm: o.renorm, layer_k };
+            if call.n_tokens == 1 && nth > 1 {
+                return self.attend_one(call, layer, q, out, a, ith, nth);
+            }
+            // one k per layer needs every head of a token in one work item
             let per_item = if layer_k { d.n_head_kv } else { 1 };
             let items = call.n_tokens * d.n_head_kv / per_item;
             let (start, end) = (items * ith / nth, items * (ith + 1) / nth);
-            let a = Approx { tau: o.tau, renorm: o.renorm, layer_k };
             APPROX.with(|s| {
                 let s = &mut *s.borrow_mut();
                 for item in start..end {
@@ -492,21 +533,24 @@ impl Backend {
                     let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
                     // SAFETY: values were stored before this op (ggml barrier) and are not written now.
                     let val = |c: u32, kvh: usize| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
-                    attention::approximate(
-                        &layer.keys,
-                        kv0..kv0 + per_item,
-                        g,
-                        d.dk,
-                        d.dv,
-                        cells,
-                        |h| q.row(t, h),
-                        val,
-                        call.scale,
-                        call.sinks,
-                        a,
-                        s,
-                        |kvh| out.span(t, kvh * g, g * d.dv),
-                    );
+                    // SAFETY: keys too.
+                    unsafe {
+                        approx::approximate(
+                            &layer.keys,
+                            kv0..kv0 + per_item,
+                            g,
+                            d.dk,
+                            d.dv,
+                            cells,
+                            |h| q.row(t, h),
+                            val,
+                            call.scale,
+                            call.sinks,
+                            a,
+                            s,
+                            |kvh| out.span(t, kvh * g, g * d.dv),
+                        )
+                    };
                 }
             });
             return Ok(());
@@ -536,6 +580,87 @@ impl Backend {
             }
         });
         Ok(())
+    }
+
+    /// The decode path of `attend` for one token, each step split across the threads:
+    /// 1. logits, by (KV head, chunk of cells): as many chunks per KV head as make the item
+    ///    count a multiple of the thread count;
+    /// 2. softmax and, with one k per layer, each head's k, by query head;
+    /// 3. selection and the value sum, by query head (the same heads as step 2, so that the
+    ///    probabilities stay in the thread's scratch).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_one(&self, call: &Call, layer: &Layer, q: &dyn Input, out: &dyn Output, a: Approx, ith: usize, nth: usize) -> Result<()> {
+        let d = &layer.desc;
+        let g = d.n_head / d.n_head_kv;
+        let (pos, _, list) = self.plan.tokens[0];
+        let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
+        let n = cells.len();
+        let sh = &self.shared;
+        // SAFETY: apply sized it for n_head * (the whole list) and nothing resizes it during the
+        // op; the pointer is only used for the disjoint regions described at `Shared`.
+        let base = unsafe { (*sh.logits.get()).as_mut_ptr() };
+        debug_assert!(unsafe { (*sh.logits.get()).len() } >= d.n_head * n);
+        let chunks = nth / gcd(nth, d.n_head_kv);
+        let items = d.n_head_kv * chunks;
+        // item i covers KV head i / chunks, cells [lo, hi) of the chunk i % chunks; its region
+        // starts at g * (everything before it)
+        let range = |i: usize| {
+            let (kvh, c) = (i / chunks, i % chunks);
+            (kvh, n * c / chunks, n * (c + 1) / chunks)
+        };
+        let region = |i: usize| {
+            let (kvh, lo, _) = range(i);
+            g * (kvh * n + lo)
+        };
+        let heads = (d.n_head * ith / nth)..(d.n_head * (ith + 1) / nth);
+        APPROX.with(|s| -> Result<()> {
+            let s = &mut *s.borrow_mut();
+            for i in items * ith / nth..items * (ith + 1) / nth {
+                let (kvh, lo, hi) = range(i);
+                // SAFETY: this item's region, written by this thread only (see `Shared`).
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.add(region(i)), g * (hi - lo)) };
+                // SAFETY: the keys were stored before this op and are not written during it.
+                unsafe { approx::logits(&layer.keys, kvh, g, d.dk, &cells[lo..hi], |h| q.row(0, kvh * g + h), call.scale, s, dst, hi - lo) };
+            }
+            sh.barrier.wait(nth)?;
+            // SAFETY: step 1 is over on every thread; from here the logits are only read.
+            let all = unsafe { std::slice::from_raw_parts(base as *const f32, d.n_head * n) };
+            let mut probs = std::mem::take(&mut s.probs);
+            probs.resize(heads.len() * n, 0.0);
+            if s.hists.len() < heads.len() {
+                s.hists.resize_with(heads.len(), Default::default);
+            }
+            for (k, h) in heads.clone().enumerate() {
+                let (kvh, hg) = (h / g, h % g);
+                let p = &mut probs[k * n..(k + 1) * n];
+                for c in 0..chunks {
+                    let (_, lo, hi) = range(kvh * chunks + c);
+                    let at = region(kvh * chunks + c) + hg * (hi - lo);
+                    p[lo..hi].copy_from_slice(&all[at..at + hi - lo]);
+                }
+                approx::softmax(p, call.sinks.map(|x| x[h]));
+                s.hists[k].build(p);
+                if a.layer_k {
+                    sh.ks[h].store(s.top.count_with(p, &s.hists[k], a.tau), Ordering::Relaxed);
+                }
+            }
+            let k_layer = if a.layer_k {
+                sh.barrier.wait(nth)?;
+                let kmax = sh.ks[..d.n_head].iter().map(|k| k.load(Ordering::Relaxed)).max().unwrap_or(0);
+                Some(crate::select::layer_k(&[kmax], n))
+            } else {
+                None
+            };
+            for (k, h) in heads.clone().enumerate() {
+                let kvh = h / g;
+                // SAFETY: values were stored before this op and are not written during it.
+                let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
+                let p = &probs[k * n..(k + 1) * n];
+                approx::select_and_sum(p, &s.hists[k], cells, a, k_layer, &mut s.top, &mut s.sel, val, out.span(0, h, d.dv));
+            }
+            s.probs = probs;
+            Ok(())
+        })
     }
 
     /// The prompt path of `attend`: runs of up to BLOCK_TOKENS consecutive tokens of one
@@ -759,7 +884,7 @@ mod tests {
         let row = 2 * 64 * 2;
         assert!(be.layers[0].keys.peak_exact_bytes() >= 300 * row, "the prompt's peak is remembered");
         let u = be.usage();
-        let codes = 1024 * 2 * 64 / 2; // 8-bit codes of 2 dims
+        let codes = 1024 * 2 * 64 / 2 / 2; // 4-bit codes of 2 dims
         assert!(u.fast - u.codebooks - codes <= 66 * row, "exact rows left: {}", (u.fast - u.codebooks - codes) / row);
 
         let mut be = Backend::new(config(&format!("{opts},prefill=coded"))).unwrap();
@@ -812,5 +937,82 @@ mod tests {
         assert!(Backend::new(c).is_ok());
         let c = config("keys=int8,int_group=24");
         assert!(Backend::new(c).err().unwrap().to_string().contains("int_group=24"));
+    }
+
+    #[test]
+    fn a_cache_larger_than_memory_is_an_error_not_an_abort() {
+        for opts in ["keys=f16", "preset=cpu12.5", "keys=int4"] {
+            let mut cfg = config(opts);
+            cfg.n_ctx = 1 << 38;
+            cfg.n_ctx_seq = cfg.n_ctx;
+            let e = Backend::new(cfg).err().expect("2^38 cells cannot be allocated").to_string();
+            assert!(e.contains("cannot allocate") && e.contains("MiB for"), "{opts}: {e}");
+        }
+    }
+
+    /// Fuzzing the state reader: every truncation, thousands of bit flips and byte
+    /// overwrites, and foreign blobs give a clean error or a valid state, never a panic; after
+    /// an error the backend is empty and still works.
+    #[test]
+    fn state_reader_survives_truncation_bit_flips_and_garbage() {
+        for opts in ["keys=f16", "keys=pq,pq_dim=1,pq_centroids=16,fit_tokens=16,recent=4", "keys=int4,tau=0.9"] {
+            let mut be = Backend::new(config(opts)).unwrap();
+            feed(&mut be, 0, 40);
+            feed(&mut be, 40, 1);
+            let mut blob = Vec::new();
+            crate::state::write(&mut be, -1, &mut |b| blob.extend_from_slice(b)).unwrap();
+            let mut target = Backend::new(config(opts)).unwrap();
+            let mut load = |bytes: &[u8], target: &mut Backend| {
+                let mut at = 0;
+                let r = crate::state::read(target, -1, &mut |buf: &mut [u8]| {
+                    if at + buf.len() > bytes.len() {
+                        return false;
+                    }
+                    buf.copy_from_slice(&bytes[at..at + buf.len()]);
+                    at += buf.len();
+                    true
+                });
+                if r.is_err() {
+                    assert_eq!(target.cells().n_free(), target.cfg.n_ctx, "{opts}: a failed read leaves the cache empty");
+                }
+                // whatever happened, the backend takes new tokens
+                target.clear(true);
+                feed(target, 0, 2);
+                target.clear(true);
+                r
+            };
+            load(&blob, &mut target).unwrap_or_else(|e| panic!("{opts}: the intact blob: {e}"));
+            // every truncation
+            let step = (blob.len() / 3000).max(1);
+            for len in (0..blob.len()).step_by(step) {
+                assert!(load(&blob[..len], &mut target).is_err(), "{opts}: truncated to {len} of {} bytes", blob.len());
+            }
+            // bit flips and random bytes anywhere, more of them in the header and cell table
+            let mut seed = 0x5851_f42d_4c95_7f2du64;
+            let mut next = || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            for k in 0..3000 {
+                let mut b = blob.clone();
+                let span = if k % 2 == 0 { blob.len().min(600) } else { blob.len() };
+                for _ in 0..1 + k % 3 {
+                    let at = (next() as usize) % span;
+                    if k % 5 == 0 {
+                        b[at] = next() as u8;
+                    } else {
+                        b[at] ^= 1 << (next() % 8);
+                    }
+                }
+                let _ = load(&b, &mut target);
+            }
+            // foreign blobs: another format, empty, random
+            let random: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
+            for junk in [&b"GGUF\x03\0\0\0"[..], &[][..], &random[..], &blob[4..]] {
+                assert!(load(junk, &mut target).is_err(), "{opts}");
+            }
+        }
     }
 }

@@ -73,8 +73,16 @@ pub struct Cells {
 }
 
 impl Cells {
-    pub fn new(n_cells: usize, n_seq_max: usize) -> Cells {
-        Cells { pos: vec![0; n_cells], seqs: vec![SeqSet::default(); n_cells], n_used: 0, hint: 0, n_seq_max, freed: Vec::new() }
+    pub fn new(n_cells: usize, n_seq_max: usize) -> crate::error::Result<Cells> {
+        use crate::error::filled;
+        Ok(Cells {
+            pos: filled(n_cells, 0, "the cells' positions")?,
+            seqs: filled(n_cells, SeqSet::default(), "the cells' sequences")?,
+            n_used: 0,
+            hint: 0,
+            n_seq_max,
+            freed: Vec::new(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -234,7 +242,7 @@ mod tests {
     use super::*;
 
     fn filled(n: usize, seq: usize, count: i32) -> Cells {
-        let mut c = Cells::new(n, 4);
+        let mut c = Cells::new(n, 4).unwrap();
         for p in 0..count {
             c.alloc(p, SeqSet::one(seq)).unwrap();
         }
@@ -274,7 +282,7 @@ mod tests {
 
     #[test]
     fn seq_keep_drops_others() {
-        let mut c = Cells::new(8, 4);
+        let mut c = Cells::new(8, 4).unwrap();
         for s in 0..3 {
             for p in 0..2 {
                 c.alloc(p, SeqSet::one(s)).unwrap();
@@ -290,7 +298,7 @@ mod tests {
 
     #[test]
     fn sorted_seq_orders_by_position() {
-        let mut c = Cells::new(8, 2);
+        let mut c = Cells::new(8, 2).unwrap();
         for p in [5, 1, 3] {
             c.alloc(p, SeqSet::one(1)).unwrap();
         }
@@ -312,7 +320,7 @@ mod tests {
 
     #[test]
     fn seq_ids_are_checked() {
-        let c = Cells::new(2, 4);
+        let c = Cells::new(2, 4).unwrap();
         assert_eq!(c.seq(-1).unwrap(), Seqs::All);
         assert_eq!(c.seq(3).unwrap(), Seqs::One(3));
         assert!(c.seq(4).unwrap_err().to_string().contains("out of range"));

@@ -19,3 +19,16 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// `n` copies of `x` in a new vector, or, when the memory is not there, an error that names
+/// `what` and the size (instead of the abort of a failed infallible allocation).
+pub fn filled<T: Clone>(n: usize, x: T, what: &str) -> Result<Vec<T>> {
+    let too_big = || {
+        let mib = n as f64 * std::mem::size_of::<T>() as f64 / (1024.0 * 1024.0);
+        Error::Config(format!("cannot allocate {mib:.1} MiB for {what}"))
+    };
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| too_big())?;
+    v.resize(n, x);
+    Ok(v)
+}

@@ -16,8 +16,9 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::attention::dot;
 use crate::codebook::{Codebook, KMeans};
-use crate::error::{Error, Result};
+use crate::error::{filled, Error, Result};
 use crate::options::{code_bits, KeyCodec, Scope};
+use crate::scan;
 
 const NONE: u32 = u32::MAX;
 
@@ -35,8 +36,8 @@ struct Slab {
 unsafe impl Sync for Slab {}
 
 impl Slab {
-    fn new(n_cells: usize, row_len: usize) -> Slab {
-        Slab { rows: UnsafeCell::new(Vec::new()), free: Vec::new(), row_len, slot: vec![NONE; n_cells] }
+    fn new(n_cells: usize, row_len: usize) -> Result<Slab> {
+        Ok(Slab { rows: UnsafeCell::new(Vec::new()), free: Vec::new(), row_len, slot: filled(n_cells, NONE, "the exact-key slots")? })
     }
 
     fn reserve(&mut self, cell: usize) {
@@ -128,45 +129,72 @@ pub struct Prep {
     tables: Vec<f32>,
     /// int: per query head, per channel group, the sum of the query's channels
     qsum: Vec<f32>,
+    /// 4-bit PQ: the tables quantized to u8 (see [`scan`]), per query head; with their bias
+    /// and step, and the sums of the block last scanned
+    tab8: Vec<u8>,
+    bias: Vec<f32>,
+    step: Vec<f32>,
+    sums: Vec<u16>,
+    /// whether `tab8` is in use for the current query
+    scan: bool,
     exact: Vec<f32>,
 }
 
-/// PQ codes: one byte each up to 256 centroids, two bytes above (what the memory report counts).
-enum Codes {
+/// PQ codes of every cell, `per` codes a cell: 4 bits each up to 16 centroids (in the blocked
+/// layout of [`crate::scan`]), one byte up to 256, two bytes above (what the memory report
+/// counts).
+struct Codes {
+    per: usize,
+    data: CodeData,
+}
+
+enum CodeData {
+    Nibble(Vec<u8>),
     Narrow(Vec<u8>),
     Wide(Vec<u16>),
 }
 
 impl Codes {
-    fn new(n: usize, centroids: usize) -> Codes {
-        if code_bits(centroids) == 8 {
-            Codes::Narrow(vec![0; n])
-        } else {
-            Codes::Wide(vec![0; n])
-        }
+    fn new(n_cells: usize, per: usize, centroids: usize) -> Result<Codes> {
+        const WHAT: &str = "the key codes (fast tier)";
+        let data = match code_bits(centroids) {
+            4 => CodeData::Nibble(filled(scan::bytes_for(n_cells, per), 0, WHAT)?),
+            8 => CodeData::Narrow(filled(n_cells * per, 0, WHAT)?),
+            _ => CodeData::Wide(filled(n_cells * per, 0, WHAT)?),
+        };
+        Ok(Codes { per, data })
     }
 
     /// Bytes held (the memory report reads this, not a formula).
     fn bytes(&self) -> usize {
-        match self {
-            Codes::Narrow(v) => v.capacity(),
-            Codes::Wide(v) => v.capacity() * 2,
+        match &self.data {
+            CodeData::Nibble(v) | CodeData::Narrow(v) => v.capacity(),
+            CodeData::Wide(v) => v.capacity() * 2,
+        }
+    }
+
+    /// Code `i` of `cell`.
+    #[inline]
+    fn get(&self, cell: usize, i: usize) -> usize {
+        match &self.data {
+            CodeData::Nibble(v) => {
+                let (b, shift) = scan::locate(cell, i, self.per);
+                ((v[b] >> shift) & 0x0f) as usize
+            }
+            CodeData::Narrow(v) => v[cell * self.per + i] as usize,
+            CodeData::Wide(v) => v[cell * self.per + i] as usize,
         }
     }
 
     #[inline]
-    fn get(&self, i: usize) -> usize {
-        match self {
-            Codes::Narrow(v) => v[i] as usize,
-            Codes::Wide(v) => v[i] as usize,
-        }
-    }
-
-    #[inline]
-    fn set(&mut self, i: usize, code: u32) {
-        match self {
-            Codes::Narrow(v) => v[i] = code as u8,
-            Codes::Wide(v) => v[i] = code as u16,
+    fn set(&mut self, cell: usize, i: usize, code: u32) {
+        match &mut self.data {
+            CodeData::Nibble(v) => {
+                let (b, shift) = scan::locate(cell, i, self.per);
+                v[b] = (v[b] & !(0x0f << shift)) | ((code as u8 & 0x0f) << shift);
+            }
+            CodeData::Narrow(v) => v[cell * self.per + i] = code as u8,
+            CodeData::Wide(v) => v[cell * self.per + i] = code as u16,
         }
     }
 }
@@ -209,7 +237,7 @@ impl KeyStore {
                 if dk % dim != 0 {
                     return Err(Error::Config(format!("pq_dim={dim} does not divide the head dimension {dk}")));
                 }
-                Coded::Pq { dim, centroids, scope, books: Vec::new(), codes: Codes::new(n_cells * row / dim, centroids) }
+                Coded::Pq { dim, centroids, scope, books: Vec::new(), codes: Codes::new(n_cells, row / dim, centroids)? }
             }
             KeyCodec::Int { bits, group } => {
                 if dk % group != 0 {
@@ -217,10 +245,16 @@ impl KeyStore {
                 }
                 let per = if bits == 8 { row } else { row / 2 };
                 let n_groups = n_cells * row / group;
-                Coded::Int { bits, group, codes: vec![0; n_cells * per], scale: vec![0.0; n_groups], zero: vec![0.0; n_groups] }
+                Coded::Int {
+                    bits,
+                    group,
+                    codes: filled(n_cells * per, 0, "the key codes (fast tier)")?,
+                    scale: filled(n_groups, 0.0, "the key scales (fast tier)")?,
+                    zero: filled(n_groups, 0.0, "the key zero points (fast tier)")?,
+                }
             }
         };
-        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row), coded, fit_tokens, seed, peak_exact: 0 })
+        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row)?, coded, fit_tokens, seed, peak_exact: 0 })
     }
 
     pub fn is_exact_codec(&self) -> bool {
@@ -331,10 +365,9 @@ impl KeyStore {
         match &mut self.coded {
             Coded::None => {}
             Coded::Pq { dim, books, codes, .. } => {
-                let g = row / *dim;
                 let per_head = self.dk / *dim;
                 for (i, x) in keys.chunks_exact(*dim).enumerate() {
-                    codes.set(cell * g + i, books[if books.len() == 1 { 0 } else { i % per_head }].nearest(x));
+                    codes.set(cell, i, books[if books.len() == 1 { 0 } else { i % per_head }].nearest(x));
                 }
             }
             Coded::Int { bits, group, codes, scale, zero } => {
@@ -371,7 +404,7 @@ impl KeyStore {
                 let g = row / *dim;
                 let per_head = self.dk / *dim;
                 for (i, o) in out.chunks_exact_mut(*dim).enumerate().take(g) {
-                    let code = codes.get(cell * g + i);
+                    let code = codes.get(cell, i);
                     match books.get(if books.len() == 1 { 0 } else { i % per_head }) {
                         Some(b) => o.copy_from_slice(&b.centroids()[code as usize * dim..(code as usize + 1) * dim]),
                         None => o.iter_mut().for_each(|x| *x = 0.0),
@@ -408,11 +441,31 @@ impl KeyStore {
                     let t = &mut prep.tables[h * per..(h + 1) * per];
                     if books.len() == 1 {
                         books[0].table(qh, t);
+                    } else if *dim == 1 {
+                        // one book per channel: the table is the query times each centroid
+                        // (a direct loop; the general path costs a call per channel)
+                        for ((x, b), row) in qh.iter().zip(books.iter()).zip(t.chunks_exact_mut(*centroids)) {
+                            for (o, c) in row.iter_mut().zip(b.centroids()) {
+                                *o = x * c;
+                            }
+                        }
                     } else {
                         for (i, b) in books.iter().enumerate() {
                             b.table(&qh[i * dim..(i + 1) * dim], &mut t[i * centroids..(i + 1) * centroids]);
                         }
                     }
+                }
+                prep.scan = *centroids == 16 && gs <= scan::MAX_SUBVECTORS;
+                if prep.scan {
+                    prep.tab8.resize(g * per, 0);
+                    prep.bias.clear();
+                    prep.step.clear();
+                    for h in 0..g {
+                        let (bias, step) = scan::quantize_tables(&prep.tables[h * per..(h + 1) * per], &mut prep.tab8[h * per..(h + 1) * per]);
+                        prep.bias.push(bias);
+                        prep.step.push(step);
+                    }
+                    prep.sums.resize(g * scan::BLOCK, 0);
                 }
             }
             Coded::Int { group, .. } => {
@@ -429,20 +482,28 @@ impl KeyStore {
     }
 
     /// Raw scores <q_h, k_c> of the g query heads against KV head `kvh` of each cell, written
-    /// as out[h * cells.len() + j]. Exact cells use their f16 row, coded ones their codes.
+    /// as out[h * stride + j]. Exact cells use their f16 row, coded ones their codes.
     ///
     /// # Safety
     /// No thread writes these cells during the call.
-    pub unsafe fn scores(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], out: &mut [f32]) {
-        let n = cells.len();
+    pub unsafe fn scores(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], out: &mut [f32], stride: usize) {
+        let n = stride;
         let dk = self.dk;
         prep.exact.resize(dk, 0.0);
-        for (j, &(_, c)) in cells.iter().enumerate() {
-            let c = c as usize;
+        let mut block = usize::MAX;
+        let mut j = 0;
+        while j < cells.len() {
+            if prep.scan && self.scan_run(kvh, prep, g, cells, j, out, stride) {
+                j += scan::BLOCK;
+                block = usize::MAX; // prep.sums now holds that run's block
+                continue;
+            }
+            let (at, c) = (j, cells[j].1 as usize);
+            j += 1;
             if self.slab.has(c) {
                 self.exact_row(c, kvh).convert_to_f32_slice(&mut prep.exact);
                 for h in 0..g {
-                    out[h * n + j] = dot(&prep.q[h * dk..(h + 1) * dk], &prep.exact);
+                    out[h * n + at] = dot(&prep.q[h * dk..(h + 1) * dk], &prep.exact);
                 }
                 continue;
             }
@@ -451,13 +512,37 @@ impl KeyStore {
                     let gs = dk / dim;
                     let m = *centroids;
                     let per = gs * m;
-                    let span = (c * self.n_head_kv + kvh) * gs..(c * self.n_head_kv + kvh + 1) * gs;
-                    for h in 0..g {
-                        let t = &prep.tables[h * per..(h + 1) * per];
-                        out[h * n + j] = match codes {
-                            Codes::Narrow(v) => gather_sum(&v[span.clone()], t, m),
-                            Codes::Wide(v) => gather_sum(&v[span.clone()], t, m),
-                        };
+                    match &codes.data {
+                        CodeData::Nibble(v) if prep.scan => {
+                            // a whole block is scanned once and serves its cells that follow
+                            let b = c / scan::BLOCK;
+                            if b != block {
+                                let off = b * codes.per * 16 + kvh * gs * 16;
+                                scan::sums(&v[off..off + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+                                block = b;
+                            }
+                            for h in 0..g {
+                                out[h * n + at] = prep.bias[h] + prep.step[h] * prep.sums[h * scan::BLOCK + c % scan::BLOCK] as f32;
+                            }
+                        }
+                        CodeData::Narrow(v) => {
+                            let span = c * codes.per + kvh * gs..c * codes.per + (kvh + 1) * gs;
+                            for h in 0..g {
+                                out[h * n + at] = gather_sum(&v[span.clone()], &prep.tables[h * per..(h + 1) * per], m);
+                            }
+                        }
+                        CodeData::Wide(v) => {
+                            let span = c * codes.per + kvh * gs..c * codes.per + (kvh + 1) * gs;
+                            for h in 0..g {
+                                out[h * n + at] = gather_sum(&v[span.clone()], &prep.tables[h * per..(h + 1) * per], m);
+                            }
+                        }
+                        CodeData::Nibble(_) => {
+                            for h in 0..g {
+                                let t = &prep.tables[h * per..(h + 1) * per];
+                                out[h * n + at] = (0..gs).map(|i| t[i * m + codes.get(c, kvh * gs + i)]).sum();
+                            }
+                        }
                     }
                 }
                 Coded::Int { bits, group, codes, scale, zero } => {
@@ -482,13 +567,43 @@ impl KeyStore {
                             }
                             s += scale[c * n_groups + gg] * acc + zero[c * n_groups + gg] * prep.qsum[h * (dk / *group) + gi];
                         }
-                        out[h * n + j] = s;
+                        out[h * n + at] = s;
                     }
                 }
                 // unreachable for a settled store: a PQ cell is encoded only after the fit
-                _ => (0..g).for_each(|h| out[h * n + j] = 0.0),
+                _ => (0..g).for_each(|h| out[h * n + at] = 0.0),
             }
         }
+    }
+
+    /// The 4-bit scan's fast case: when `cells[j..j + 32]` are the 32 cells of one code block
+    /// in order, all coded, scan the block and write their scores with one loop. False (and
+    /// nothing written) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn scan_run(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], j: usize, out: &mut [f32], stride: usize) -> bool {
+        let Coded::Pq { codes: Codes { data: CodeData::Nibble(v), per }, dim, .. } = &self.coded else {
+            return false;
+        };
+        let c0 = cells[j].1 as usize;
+        if c0 % scan::BLOCK != 0 || j + scan::BLOCK > cells.len() {
+            return false;
+        }
+        let run = &cells[j..j + scan::BLOCK];
+        if !run.iter().enumerate().all(|(k, e)| e.1 as usize == c0 + k) || self.slab.slot[c0..c0 + scan::BLOCK].iter().any(|&s| s != NONE) {
+            return false;
+        }
+        let gs = self.dk / dim;
+        let at = (c0 / scan::BLOCK) * per * 16 + kvh * gs * 16;
+        scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+        for h in 0..g {
+            let (bias, step) = (prep.bias[h], prep.step[h]);
+            let dst = &mut out[h * stride + j..h * stride + j + scan::BLOCK];
+            for (o, &s) in dst.iter_mut().zip(&prep.sums[h * scan::BLOCK..(h + 1) * scan::BLOCK]) {
+                *o = bias + step * s as f32;
+            }
+        }
+        true
     }
 
     /// Raw bytes of one cell's keys for state I/O: a form byte (1 = exact f16 row, 0 = coded),
@@ -504,10 +619,10 @@ impl KeyStore {
         w(&[0]);
         match &self.coded {
             Coded::None => {}
-            Coded::Pq { dim, codes, .. } => {
-                let g = row / dim;
+            Coded::Pq { codes, .. } => {
+                let g = codes.per;
                 // two bytes per code whatever the width in memory (the state format)
-                let b: Vec<u8> = (cell * g..(cell + 1) * g).flat_map(|i| (codes.get(i) as u16).to_le_bytes()).collect();
+                let b: Vec<u8> = (0..g).flat_map(|i| (codes.get(cell, i) as u16).to_le_bytes()).collect();
                 w(&b);
             }
             Coded::Int { bits, group, codes, scale, zero } => {
@@ -560,7 +675,7 @@ impl KeyStore {
                             if d as usize >= *centroids {
                                 return Err(Error::State(format!("code {d} is out of range")));
                             }
-                            codes.set(cell * g + i, d as u32);
+                            codes.set(cell, i, d as u32);
                         }
                         Ok(())
                     }
@@ -681,6 +796,13 @@ mod tests {
         }
     }
 
+    fn codec_dim(c: KeyCodec) -> usize {
+        match c {
+            KeyCodec::Pq { dim, .. } => dim,
+            _ => 1,
+        }
+    }
+
     #[test]
     fn scores_equal_decode_then_dot() {
         let (n, heads, dk) = (300, 2, 16);
@@ -689,6 +811,9 @@ mod tests {
             KeyCodec::Pq { dim: 4, centroids: 32, scope: Scope::Group },
             KeyCodec::Int { bits: 4, group: 8 },
             KeyCodec::Int { bits: 8, group: 16 },
+            // 4-bit codes: the blocked layout and the u8-table scan
+            KeyCodec::Pq { dim: 1, centroids: 16, scope: Scope::Group },
+            KeyCodec::Pq { dim: 2, centroids: 16, scope: Scope::Layer },
         ] {
             let mut st = KeyStore::new(codec, n, heads, dk, 100, 1).unwrap();
             let data = keys(n, heads * dk, 3);
@@ -703,7 +828,7 @@ mod tests {
             let mut out = vec![0.0; g * n];
             for kvh in 0..heads {
                 st.prepare(&q, g, &mut prep);
-                unsafe { st.scores(kvh, &mut prep, g, &cells, &mut out) };
+                unsafe { st.scores(kvh, &mut prep, g, &cells, &mut out, cells.len()) };
                 let mut rec = vec![0.0; heads * dk];
                 for c in 0..n {
                     if c == 5 {
@@ -716,7 +841,18 @@ mod tests {
                     for h in 0..g {
                         let want: f32 = q[h * dk..(h + 1) * dk].iter().zip(&rec[kvh * dk..(kvh + 1) * dk]).map(|(a, b)| a * b).sum();
                         let got = out[h * n + c];
-                        assert!((want - got).abs() <= 1e-3 * (1.0 + want.abs()), "{codec:?} cell {c}: {got} vs {want}");
+                        // the scan's u8 tables round each sub-vector's entry by up to step / 2
+                        let rounding = if prep.scan && c != 5 { (dk / codec_dim(codec)) as f32 * prep.step[h] / 2.0 } else { 0.0 };
+                        assert!((want - got).abs() <= 1e-3 * (1.0 + want.abs()) + rounding * 1.001, "{codec:?} cell {c}: {got} vs {want}");
+                    }
+                }
+                // any order and any subset of cells scores the same as the whole list in order
+                let mixed: Vec<(i32, u32)> = (0..n as u32).rev().filter(|c| c % 3 != 1).map(|c| (c as i32, c)).chain((64..128).map(|c| (c, c as u32))).collect();
+                let mut again = vec![0.0; g * mixed.len()];
+                unsafe { st.scores(kvh, &mut prep, g, &mixed, &mut again, mixed.len()) };
+                for (j, &(_, c)) in mixed.iter().enumerate() {
+                    for h in 0..g {
+                        assert_eq!(again[h * mixed.len() + j], out[h * n + c as usize], "{codec:?} cell {c}");
                     }
                 }
             }

@@ -8,8 +8,10 @@
 //! - [`llama`]: a small safe layer over the patched libllama for the tools and tests.
 
 pub mod abi;
+pub mod approx;
 pub mod attention;
 pub mod backend;
+pub mod barrier;
 pub mod calibration;
 pub mod capture;
 pub mod cells;
@@ -21,6 +23,7 @@ pub mod llama;
 pub mod models;
 pub mod options;
 pub mod rows;
+pub mod scan;
 pub mod select;
 pub mod state;
 pub mod texts;

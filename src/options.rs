@@ -27,9 +27,11 @@ impl KeyCodec {
     }
 }
 
-/// Bits of one PQ code: 8 up to 256 centroids, 16 above.
+/// Bits of one PQ code: 4 up to 16 centroids (two codes a byte), 8 up to 256, 16 above.
 pub fn code_bits(centroids: usize) -> u32 {
-    if centroids <= 256 {
+    if centroids <= 16 {
+        4
+    } else if centroids <= 256 {
         8
     } else {
         16
@@ -156,7 +158,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ("preset", "exact", "exact, 50, 25, 12.5, cpu25, cpu12.5", "a named set of the keys below (see Presets)"),
     ("keys", "f16", "f16, pq, int8, int4", "how keys are stored in the fast tier"),
     ("pq_dim", "2", "1, 2, 4, 8", "dimensions per PQ sub-vector (keys=pq)"),
-    ("pq_centroids", "8192", "16 to 65536", "centroids per PQ codebook; up to 256 gives 8-bit codes (keys=pq)"),
+    ("pq_centroids", "8192", "16 to 65536", "centroids per PQ codebook; 16 gives 4-bit codes (the fast scan), up to 256 8-bit codes, more 16-bit codes (keys=pq)"),
     ("int_group", "32", "8 to 256, a divisor of the head dimension", "channels sharing a scale and zero point (keys=int8/int4)"),
     ("codebook", "online", "online, or the path of a file from `hcattn calibrate`", "where PQ codebooks come from: fitted from the first keys, or calibrated offline (implies keys=pq with the file's settings)"),
     ("codebook_scope", "layer", "layer, group, model", "one PQ codebook per layer (shared by heads and groups), one per group, or one for the model (files only)"),
@@ -172,16 +174,18 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
 ];
 
 /// Presets: (name, the options string it stands for). The paper's 50/25/12.5 are fast-tier
-/// fractions of the f16 cache with values in the host tier; the cpu* ones have the same key
-/// bits with 256-centroid (8-bit code) books, whose tables are far cheaper on a CPU; the
-/// codebook scope of each is the one measured better (README).
+/// fractions of the f16 cache with values in the host tier. The cpu* ones have the same key
+/// bits with small books whose tables are cheap on a CPU: cpu25 one 256-centroid book per
+/// layer for single channels (8-bit codes); cpu12.5 a 16-centroid book per channel (4-bit
+/// codes, scanned with byte shuffles, see `scan`), the first 4 and last 16 tokens' keys kept
+/// exact and the selected mass renormalised, which the measurements in the README chose.
 pub const PRESETS: &[(&str, &str)] = &[
     ("exact", "keys=f16,tau=1"),
     ("50", "keys=f16,tau=0.9"),
     ("25", "keys=pq,pq_dim=2,pq_centroids=8192,tau=0.9"),
     ("12.5", "keys=pq,pq_dim=4,pq_centroids=8192,tau=0.9"),
-    ("cpu25", "keys=pq,pq_dim=1,pq_centroids=256,tau=0.9"),
-    ("cpu12.5", "keys=pq,pq_dim=2,pq_centroids=256,codebook_scope=group,tau=0.9"),
+    ("cpu25", "keys=pq,pq_dim=1,pq_centroids=256,tau=0.9,renorm=1"),
+    ("cpu12.5", "keys=pq,pq_dim=1,pq_centroids=16,codebook_scope=group,tau=0.9,sink=4,recent=16,renorm=1"),
 ];
 
 fn bad(key: &str, problem: impl Into<String>) -> Error {
@@ -409,7 +413,8 @@ mod tests {
         assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 8192, scope: Scope::Layer });
         assert_eq!(o.tau, 0.95, "an explicit key before the preset still wins");
         let o = Options::parse("preset=cpu12.5,pq_centroids=512").unwrap();
-        assert_eq!(o.keys, KeyCodec::Pq { dim: 2, centroids: 512, scope: Scope::Group });
+        assert_eq!(o.keys, KeyCodec::Pq { dim: 1, centroids: 512, scope: Scope::Group });
+        assert_eq!((o.sink, o.recent, o.renorm), (4, 16, true));
         let o = Options::parse("codebook_scope=group,preset=cpu25").unwrap();
         assert_eq!(o.keys, KeyCodec::Pq { dim: 1, centroids: 256, scope: Scope::Group });
         assert!(Options::parse("codebook_scope=all").unwrap_err().to_string().contains("accepted: layer, group, model"));

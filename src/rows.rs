@@ -57,9 +57,10 @@ unsafe impl Sync for Rows {}
 impl Rows {
     /// `n_rows` zeroed rows of `row_len` values; with `alloc = false` nothing is allocated and
     /// only the projected size is known (llama.cpp's -fit probe).
-    pub fn new(n_rows: usize, row_len: usize, alloc: bool) -> Rows {
-        let data = if alloc && n_rows * row_len > 0 { Store::Heap(vec![f16::ZERO; n_rows * row_len]) } else { Store::None };
-        Rows { data: UnsafeCell::new(data), row_len, n_rows }
+    pub fn new(n_rows: usize, row_len: usize, alloc: bool) -> Result<Rows> {
+        let n = n_rows.checked_mul(row_len).ok_or_else(|| Error::Config(format!("{n_rows} rows of {row_len} values overflow")))?;
+        let data = if alloc && n > 0 { Store::Heap(crate::error::filled(n, f16::ZERO, "the host tier's values")?) } else { Store::None };
+        Ok(Rows { data: UnsafeCell::new(data), row_len, n_rows })
     }
 
     /// The same rows in a memory-mapped file in `dir` (see the module comment).
@@ -156,7 +157,7 @@ mod tests {
 
     #[test]
     fn write_then_read_rounds_to_half() {
-        let mut r = Rows::new(3, 2, true);
+        let mut r = Rows::new(3, 2, true).unwrap();
         unsafe { r.write_row(1, &[1.0, 0.1]) };
         assert_eq!(r.row_mut(1)[0].to_f32(), 1.0);
         assert!((r.row_mut(1)[1].to_f32() - 0.1).abs() < 1e-4);
@@ -182,7 +183,7 @@ mod tests {
 
     #[test]
     fn unallocated_reports_size_only() {
-        let r = Rows::new(1000, 64, false);
+        let r = Rows::new(1000, 64, false).unwrap();
         assert!(!r.is_allocated());
         assert_eq!(r.bytes(), 128_000);
     }

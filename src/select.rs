@@ -2,9 +2,12 @@
 //!
 //! The order is by probability, highest first, and among equal probabilities by index, lowest
 //! first; the set is the shortest prefix of that order whose mass reaches tau. [`top_p_sorted`]
-//! is the reference (a full sort); [`TopP::select`] finds the same set with a partition-based
-//! threshold search in expected linear time, which is what runs per head per decode step.
-//! Masses are summed in f64 by both, so they agree wherever the sums are exact.
+//! is the reference (a full sort). [`TopP`] finds the same set without sorting, which is what
+//! runs per head per decode step: a histogram of the probabilities' bit patterns (mass and
+//! count per bucket) finds the bucket where the boundary lies, a partition-based search among
+//! that bucket's few members finds the boundary token, and one last pass in index order keeps
+//! every token ranked above it. Masses are summed in f64 by both, so they agree wherever the
+//! sums are exact.
 
 /// Reference: sort everything, take the shortest prefix reaching `tau`. Returns the selected
 /// indices in selection order. `tau >= 1` selects everything.
@@ -25,12 +28,122 @@ pub fn top_p_sorted(p: &[f32], tau: f32) -> Vec<u32> {
     order
 }
 
-/// Reusable buffers for [`TopP::select`], so the decode loop does not allocate once warm.
+/// Histogram buckets: the top 11 bits of the order-preserving key (sign, exponent, 2 bits of
+/// mantissa), so a bucket spans at most a factor 1.25 of probability. Probabilities lie in
+/// [0, 1], keys 1024 to 1532 of those 2048; anything outside (a NaN, a rounding above 1) is
+/// clamped into the first or last of BUCKETS buckets from FIRST, which keeps the order.
+const BUCKET_SHIFT: u32 = 21;
+const FIRST: u32 = 1024;
+const BUCKETS: usize = 512;
+
+/// Sub-histograms filled in turn, so that runs of equal buckets do not wait on each other.
+const WAYS: usize = 4;
+
+#[inline(always)]
+fn bucket_of(x: f32) -> u16 {
+    ((key(x) >> BUCKET_SHIFT).clamp(FIRST, FIRST + BUCKETS as u32 - 1) - FIRST) as u16
+}
+
+/// A u32 that orders like `f32::total_cmp`.
+#[inline(always)]
+fn key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 0 {
+        b | 0x8000_0000
+    } else {
+        !b
+    }
+}
+
+/// Count and probability mass per bucket of one distribution, and each token's bucket: built
+/// once per head and step, then used by [`TopP::count_with`] and [`TopP::top_k_with`] (one k
+/// per layer needs both).
+#[derive(Default)]
+pub struct Histogram {
+    count: Vec<u32>,
+    mass: Vec<f64>,
+    /// WAYS sub-histograms, zero between builds
+    ways_count: Vec<u32>,
+    ways_mass: Vec<f64>,
+    /// bucket of each token
+    bucket: Vec<u16>,
+    /// lowest and highest bucket in use (lo > hi when empty)
+    lo: usize,
+    hi: usize,
+}
+
+impl Histogram {
+    pub fn build(&mut self, p: &[f32]) {
+        if self.count.is_empty() {
+            self.count = vec![0; BUCKETS];
+            self.mass = vec![0.0; BUCKETS];
+            self.ways_count = vec![0; WAYS * BUCKETS];
+            self.ways_mass = vec![0.0; WAYS * BUCKETS];
+        }
+        self.bucket.clear();
+        self.bucket.extend(p.iter().map(|&x| bucket_of(x)));
+        let (lo, hi) = self.bucket.iter().fold((u16::MAX, 0u16), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+        let (wc, wm) = (&mut self.ways_count[..WAYS * BUCKETS], &mut self.ways_mass[..WAYS * BUCKETS]);
+        for (b, x) in self.bucket.chunks_exact(WAYS).zip(p.chunks_exact(WAYS)) {
+            for w in 0..WAYS {
+                // a bucket is below BUCKETS (bucket_of clamps), so `at` is in bounds
+                let at = (w * BUCKETS + b[w] as usize).min(WAYS * BUCKETS - 1);
+                wc[at] += 1;
+                wm[at] += x[w] as f64;
+            }
+        }
+        let tail = p.len() / WAYS * WAYS;
+        for (b, x) in self.bucket[tail..].iter().zip(&p[tail..]) {
+            wc[*b as usize] += 1;
+            wm[*b as usize] += *x as f64;
+        }
+        (self.lo, self.hi) = if p.is_empty() { (1, 0) } else { (lo as usize, hi as usize) };
+        for b in self.lo..=self.hi {
+            let (mut c, mut m) = (0, 0.0);
+            for w in 0..WAYS {
+                c += std::mem::take(&mut wc[w * BUCKETS + b]);
+                m += std::mem::take(&mut wm[w * BUCKETS + b]);
+            }
+            self.count[b] = c;
+            self.mass[b] = m;
+        }
+    }
+}
+
+/// Append to `out` the indices i whose `take(i, bucket[i])` holds, in order. Every index is
+/// written and the length advances only when taken: no branch to mispredict on a selection
+/// that is scattered over the tokens.
+#[inline(always)]
+fn compact(bucket: &[u16], out: &mut Vec<u32>, take: impl Fn(usize, u16) -> bool) {
+    let start = out.len();
+    out.resize(start + bucket.len() + 1, 0);
+    let dst = &mut out[start..];
+    let mut len = 0;
+    for (i, &b) in bucket.iter().enumerate() {
+        dst[len] = i as u32;
+        len += take(i, b) as usize;
+    }
+    out.truncate(start + len);
+}
+
+/// Reusable buffers for the selections, so that the decode loop does not allocate once warm.
 #[derive(Default)]
 pub struct TopP {
     cand: Vec<u32>,
     next: Vec<u32>,
     ties: Vec<u32>,
+    /// the boundary bucket's members, kept for counting
+    edge: Vec<u32>,
+    /// the histogram of the one-call forms (`select`, `count`, `top_k`)
+    hist: Histogram,
+}
+
+/// The last token taken in the reference order: everything ranked above it (a higher
+/// probability, or the same one at a lower index) is taken too.
+#[derive(Clone, Copy)]
+struct Boundary {
+    value: f32,
+    index: u32,
 }
 
 impl TopP {
@@ -42,12 +155,131 @@ impl TopP {
             out.extend(0..p.len() as u32);
             return p.iter().map(|&x| x as f64).sum();
         }
-        let mut need = tau as f64;
-        let mut taken = 0.0f64;
+        let mut h = std::mem::take(&mut self.hist);
+        h.build(p);
+        let r = self.select_with(p, &h, tau, out);
+        self.hist = h;
+        r
+    }
+
+    /// [`select`](Self::select) with the histogram of `p` already built.
+    pub fn select_with(&mut self, p: &[f32], h: &Histogram, tau: f32, out: &mut Vec<u32>) -> f64 {
+        out.clear();
+        if tau >= 1.0 {
+            out.extend(0..p.len() as u32);
+            return p.iter().map(|&x| x as f64).sum();
+        }
+        let Some((edge, above, _)) = Self::mass_edge(h, tau as f64) else {
+            // the total mass is below tau (rounding): everything is selected
+            out.extend(0..p.len() as u32);
+            return h.mass[h.lo..=h.hi].iter().sum();
+        };
+        self.members(h, edge);
+        let (last, taken) = self.boundary_by_mass(p, tau as f64 - above);
+        Self::collect(p, h, last, out);
+        above + taken
+    }
+
+    /// The size of the set [`select`](Self::select) would return, without collecting it.
+    pub fn count(&mut self, p: &[f32], tau: f32) -> usize {
+        if tau >= 1.0 {
+            return p.len();
+        }
+        let mut h = std::mem::take(&mut self.hist);
+        h.build(p);
+        let r = self.count_with(p, &h, tau);
+        self.hist = h;
+        r
+    }
+
+    /// [`count`](Self::count) with the histogram of `p` already built.
+    pub fn count_with(&mut self, p: &[f32], h: &Histogram, tau: f32) -> usize {
+        if tau >= 1.0 {
+            return p.len();
+        }
+        let Some((edge, above, n_above)) = Self::mass_edge(h, tau as f64) else {
+            return p.len();
+        };
+        self.members(h, edge);
+        self.edge.clone_from(&self.cand);
+        let (last, _) = self.boundary_by_mass(p, tau as f64 - above);
+        let (kb, ib) = (key(last.value), last.index);
+        n_above
+            + self
+                .edge
+                .iter()
+                .filter(|&&i| {
+                    let k = key(p[i as usize]);
+                    k > kb || (k == kb && i <= ib)
+                })
+                .count()
+    }
+
+    /// The top `k` indices of `p` in the reference order (probability, then index), written
+    /// into `out` in index order.
+    pub fn top_k(&mut self, p: &[f32], k: usize, out: &mut Vec<u32>) {
+        let mut h = std::mem::take(&mut self.hist);
+        h.build(p);
+        self.top_k_with(p, &h, k, out);
+        self.hist = h;
+    }
+
+    /// [`top_k`](Self::top_k) with the histogram of `p` already built.
+    pub fn top_k_with(&mut self, p: &[f32], h: &Histogram, k: usize, out: &mut Vec<u32>) {
+        out.clear();
+        if k >= p.len() {
+            out.extend(0..p.len() as u32);
+            return;
+        }
+        if k == 0 {
+            return;
+        }
+        let mut above = 0usize;
+        let mut edge = h.lo;
+        for b in (h.lo..=h.hi).rev() {
+            if above + h.count[b] as usize >= k {
+                edge = b;
+                break;
+            }
+            above += h.count[b] as usize;
+        }
+        self.members(h, edge);
+        let r = k - above; // 1 ..= members
+        let by_rank = |a: &u32, b: &u32| p[*b as usize].total_cmp(&p[*a as usize]).then(a.cmp(b));
+        self.cand.select_nth_unstable_by(r - 1, by_rank);
+        let i = self.cand[r - 1];
+        Self::collect(p, h, Boundary { value: p[i as usize], index: i }, out);
+    }
+
+    /// The bucket where the mass, summed from the top, reaches `need`: (bucket, mass above it,
+    /// count above it); None when the total falls short.
+    fn mass_edge(h: &Histogram, need: f64) -> Option<(usize, f64, usize)> {
+        let (mut above, mut n_above) = (0.0f64, 0usize);
+        for b in (h.lo..=h.hi).rev() {
+            if above + h.mass[b] >= need {
+                return Some((b, above, n_above));
+            }
+            above += h.mass[b];
+            n_above += h.count[b] as usize;
+        }
+        None
+    }
+
+    /// The indices in bucket `edge`, into `cand`.
+    fn members(&mut self, h: &Histogram, edge: usize) {
         self.cand.clear();
-        self.cand.extend(0..p.len() as u32);
+        let edge = edge as u16;
+        // few tokens share the boundary's bucket: a plain filter predicts well
+        self.cand.extend(h.bucket.iter().enumerate().filter(|(_, &b)| b == edge).map(|(i, _)| i as u32));
+    }
+
+    /// Among `cand`, the last token of the shortest reference-order prefix whose mass reaches
+    /// `need`, by partitioning around median-of-three pivots; and that prefix's mass.
+    fn boundary_by_mass(&mut self, p: &[f32], mut need: f64) -> (Boundary, f64) {
+        let mut taken = 0.0f64;
+        // the lowest-ranked token taken so far, for when the mass runs out by rounding
+        let mut last: Option<Boundary> = None;
         while !self.cand.is_empty() {
-            // pivot: median of three, by value
             let n = self.cand.len();
             let (a, b, c) = (p[self.cand[0] as usize], p[self.cand[n / 2] as usize], p[self.cand[n - 1] as usize]);
             let x = a.max(b).min(a.min(b).max(c));
@@ -67,36 +299,46 @@ impl TopP {
                 std::mem::swap(&mut self.cand, &mut self.next);
                 continue;
             }
+            // the ties at x are taken by index until the mass is reached
+            self.ties.clear();
+            self.ties.extend(self.cand.iter().copied().filter(|&i| p[i as usize] == x));
+            self.ties.sort_unstable();
             if s_hi + s_eq >= need {
-                // everything above x, then ties at x by index until the mass is reached
-                out.extend(self.cand.iter().copied().filter(|&i| p[i as usize] > x));
-                taken += s_hi;
-                self.ties.clear();
-                self.ties.extend(self.cand.iter().copied().filter(|&i| p[i as usize] == x));
-                self.ties.sort_unstable();
                 let mut rest = need - s_hi;
+                taken += s_hi;
                 for &i in &self.ties {
-                    out.push(i);
                     taken += x as f64;
                     rest -= x as f64;
                     if rest <= 0.0 {
-                        break;
+                        return (Boundary { value: x, index: i }, taken);
                     }
                 }
-                out.sort_unstable();
-                return taken;
+                // unreachable unless rounding: all ties taken
+                let i = *self.ties.last().expect("x is a candidate's value");
+                return (Boundary { value: x, index: i }, taken);
             }
-            // everything at or above x is selected; the boundary is below x
-            out.extend(self.cand.iter().copied().filter(|&i| p[i as usize] >= x));
+            // everything at or above x is taken; the boundary is below x
             taken += s_hi + s_eq;
             need -= s_hi + s_eq;
+            last = Some(Boundary { value: x, index: *self.ties.last().expect("x is a candidate's value") });
             self.next.clear();
             self.next.extend(self.cand.iter().copied().filter(|&i| p[i as usize] < x));
             std::mem::swap(&mut self.cand, &mut self.next);
         }
-        // the total mass is below tau (rounding): everything is selected
-        out.sort_unstable();
-        taken
+        // the bucket's mass fell short by rounding: all of it is taken
+        (last.unwrap_or(Boundary { value: f32::INFINITY, index: 0 }), taken)
+    }
+
+    /// Every index ranked at or above `b`, in index order.
+    fn collect(p: &[f32], h: &Histogram, b: Boundary, out: &mut Vec<u32>) {
+        let (kb, ib) = (key(b.value), b.index);
+        let eb = bucket_of(b.value);
+        compact(&h.bucket, out, |i, bi| {
+            bi > eb || (bi == eb && {
+                let k = key(p[i]);
+                k > kb || (k == kb && i as u32 <= ib)
+            })
+        });
     }
 }
 
@@ -112,16 +354,13 @@ pub fn layer_k(k_heads: &[usize], n: usize) -> usize {
     (1 + (kmax - 1).div_ceil(s) * s).min(n)
 }
 
-/// The top `k` indices of `p` in the reference order (probability, then index), returned in
-/// index order.
-pub fn top_k(p: &[f32], k: usize, out: &mut Vec<u32>) {
-    out.clear();
-    out.extend(0..p.len() as u32);
-    if k < out.len() {
-        out.select_nth_unstable_by(k, |&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
-        out.truncate(k);
-    }
-    out.sort_unstable();
+/// Reference for [`TopP::top_k`]: a full sort.
+pub fn top_k_sorted(p: &[f32], k: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..p.len() as u32).collect();
+    order.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
+    order.truncate(k);
+    order.sort_unstable();
+    order
 }
 
 #[cfg(test)]
@@ -155,11 +394,13 @@ mod tests {
         for trial in 0..300 {
             let n = 1 + (trial * 37) % 700;
             let sharp = 1.0 + (trial % 7) as f32 * 2.0;
-            let z: Vec<f32> = (0..n).map(|_| rng(&mut seed) * sharp).collect();
+            let coarse = trial % 4 == 0;
+            let z: Vec<f32> = (0..n).map(|_| if coarse { (rng(&mut seed) * sharp).floor() } else { rng(&mut seed) * sharp }).collect();
             let p = softmax(&z);
             for tau in [0.1f32, 0.5, 0.9, 0.99, 0.999999, 1.0] {
                 sel.select(&p, tau, &mut out);
                 assert_eq!(out, sorted_set(top_p_sorted(&p, tau)), "trial {trial} n {n} tau {tau}");
+                assert_eq!(sel.count(&p, tau), out.len(), "trial {trial} n {n} tau {tau}");
             }
         }
     }
@@ -208,12 +449,33 @@ mod tests {
     #[test]
     fn top_k_is_the_reference_prefix() {
         let p = vec![0.1f32, 0.3, 0.1, 0.3, 0.2];
+        let mut sel = TopP::default();
         let mut out = Vec::new();
-        top_k(&p, 3, &mut out);
+        sel.top_k(&p, 3, &mut out);
         assert_eq!(out, vec![1, 3, 4]);
-        top_k(&p, 4, &mut out);
+        sel.top_k(&p, 4, &mut out);
         assert_eq!(out, vec![0, 1, 3, 4], "the tie at 0.1 goes to index 0");
-        top_k(&p, 9, &mut out);
+        sel.top_k(&p, 9, &mut out);
         assert_eq!(out.len(), 5);
+        sel.top_k(&p, 0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn top_k_equals_sort_reference_on_random_distributions() {
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut sel = TopP::default();
+        let mut out = Vec::new();
+        for trial in 0..200 {
+            let n: usize = 1 + (trial * 53) % 900;
+            // coarse values make many ties, inside buckets and across them
+            let coarse = trial % 3 == 0;
+            let z: Vec<f32> = (0..n).map(|_| if coarse { (rng(&mut seed) * 6.0).floor() } else { rng(&mut seed) * 12.0 }).collect();
+            let p = softmax(&z);
+            for k in [1, n / 7 + 1, n / 2, n.saturating_sub(1).max(1), n] {
+                sel.top_k(&p, k, &mut out);
+                assert_eq!(out, top_k_sorted(&p, k), "trial {trial} n {n} k {k}");
+            }
+        }
     }
 }

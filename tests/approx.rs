@@ -55,7 +55,7 @@ fn quality_of_each_mode_against_stock_f16() {
         ("keys=int4", 0.04, 0.95),
         ("preset=cpu25", 0.015, 0.95),
         ("preset=cpu12.5", 0.05, 0.95),
-        ("preset=cpu12.5,codebook_scope=layer", 0.08, 0.95),
+        ("preset=cpu12.5,sink=0,recent=0,renorm=0", 0.08, 0.95),
         ("preset=cpu12.5,prefill=coded", 0.2, 0.9),
     ];
     // codebooks calibrated on another text (the KJV Bible; this prompt is llama.cpp's README),
@@ -63,7 +63,7 @@ fn quality_of_each_mode_against_stock_f16() {
     let kjv = hcattn::texts::kjv().expect("the KJV text (apt-get install bible-kjv bible-kjv-text)");
     let cb = std::env::temp_dir().join(format!("hcattn-approx-cb-{}.gguf", std::process::id()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hcattn"))
-        .args(["calibrate", "-t", "2", "--tokens", "2048", "--pq-dim", "2", "--centroids", "256", "--scope", "group", "-m"])
+        .args(["calibrate", "-t", "2", "--tokens", "2048", "--pq-dim", "1", "--centroids", "16", "--scope", "group", "-m"])
         .arg(smollm2())
         .arg("-f")
         .arg(&kjv)

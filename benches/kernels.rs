@@ -1,0 +1,103 @@
+//! Micro-benchmarks of the decode kernels, at the sizes of one SmolLM2-135M layer (3 KV heads
+//! of 64 dims, 3 query heads per KV head) and 8192 visible tokens:
+//! `cargo bench --bench kernels` (criterion; `-- --quick` for a short run).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use half::f16;
+
+use hcattn::approx::{softmax, weighted_sum, weighted_sum_portable};
+use hcattn::codebook::KMeans;
+use hcattn::scan;
+use hcattn::select::TopP;
+
+const N: usize = 8192;
+const DK: usize = 64;
+const G: usize = 3;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Attention-like probabilities: a few strong tokens over a long tail.
+fn probabilities(r: &mut Rng) -> Vec<f32> {
+    let mut l: Vec<f32> = (0..N).map(|_| r.next() * 6.0 + if r.next() < 0.01 { 6.0 } else { 0.0 }).collect();
+    softmax(&mut l, None);
+    l
+}
+
+fn kernels(c: &mut Criterion) {
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+
+    // 4-bit table scan: one KV head's codes of N cells for its G query heads
+    let gs = DK; // pq_dim 1
+    let codes: Vec<u8> = (0..scan::bytes_for(N, gs)).map(|_| (r.next() * 256.0) as u8).collect();
+    let tabs: Vec<u8> = (0..G * gs * 16).map(|_| (r.next() * 256.0) as u8).collect();
+    let mut sums = vec![0u16; G * scan::BLOCK];
+    let mut grp = c.benchmark_group("scan");
+    grp.throughput(Throughput::Elements((N * G) as u64));
+    grp.bench_function("4bit_simd", |b| {
+        b.iter(|| {
+            for blk in codes.chunks_exact(gs * 16) {
+                scan::sums(black_box(blk), &tabs, G, gs, &mut sums);
+            }
+            black_box(&sums);
+        })
+    });
+    grp.bench_function("4bit_portable", |b| {
+        b.iter(|| {
+            for blk in codes.chunks_exact(gs * 16) {
+                scan::sums_portable(black_box(blk), &tabs, G, gs, &mut sums);
+            }
+            black_box(&sums);
+        })
+    });
+    grp.finish();
+
+    // softmax and selection of one head
+    let p = probabilities(&mut r);
+    let mut top = TopP::default();
+    let mut sel = Vec::new();
+    let mut grp = c.benchmark_group("select");
+    grp.throughput(Throughput::Elements(N as u64));
+    grp.bench_function("softmax", |b| {
+        let mut l: Vec<f32> = (0..N).map(|_| r.next() * 8.0).collect();
+        b.iter(|| softmax(black_box(&mut l), None))
+    });
+    grp.bench_function("top_p_0.9", |b| b.iter(|| top.select(black_box(&p), 0.9, &mut sel)));
+    grp.bench_function("top_k_15pct", |b| b.iter(|| top.top_k(black_box(&p), N * 15 / 100, &mut sel)));
+    grp.bench_function("top_p_sorted_reference", |b| b.iter(|| hcattn::select::top_p_sorted(black_box(&p), 0.9)));
+    grp.finish();
+
+    // value sum over 15% of the tokens
+    let rows: Vec<Vec<f16>> = (0..N).map(|_| (0..DK).map(|_| f16::from_f32(r.next() - 0.5)).collect()).collect();
+    let cells: Vec<(i32, u32)> = (0..N as u32).map(|c| (c as i32, c)).collect();
+    top.top_k(&p, N * 15 / 100, &mut sel);
+    let mut out = vec![0f32; DK];
+    let mut grp = c.benchmark_group("values");
+    grp.throughput(Throughput::Elements(sel.len() as u64));
+    grp.bench_function("sum_simd", |b| b.iter(|| weighted_sum(&p, black_box(&sel), 1.0, &cells, |c| &rows[c as usize], &mut out)));
+    grp.bench_function("sum_portable", |b| {
+        b.iter(|| weighted_sum_portable(&p, black_box(&sel), 1.0, &cells, |c| &rows[c as usize], &mut out))
+    });
+    grp.finish();
+
+    // encoding new keys: nearest of 16 centroids per dimension
+    let data: Vec<f32> = (0..4096).map(|_| r.next() * 2.0 - 1.0).collect();
+    let book = KMeans::new(16, 1).fit(&data, &mut |_, _| {}).unwrap();
+    let key: Vec<f32> = (0..G * DK).map(|_| r.next() * 2.0 - 1.0).collect();
+    let mut codes = vec![0u32; G * DK];
+    let mut grp = c.benchmark_group("encode");
+    grp.throughput(Throughput::Elements(1));
+    grp.bench_function("one_token_4bit", |b| b.iter(|| book.encode(black_box(&key), &mut codes)));
+    grp.finish();
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

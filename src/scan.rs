@@ -1,0 +1,167 @@
+//! Fast table scans for 4-bit PQ codes (16-centroid codebooks).
+//!
+//! Codes are kept in blocks of [`BLOCK`] cells. Inside a block, each sub-vector position takes
+//! 16 bytes: byte k holds the code of cell k in its low nibble and of cell k + 16 in its high
+//! nibble. A KV head's sub-vectors are contiguous, so one scan streams `16 * gs` bytes per
+//! block and head.
+//!
+//! A query's f32 tables (one 16-entry table per sub-vector) are quantized to u8 with one step
+//! per query head, so that a byte shuffle looks up 32 codes at once and u16 lanes sum them:
+//! score = bias + step * sum. The rounding error of a score is at most `gs * step / 2`, with
+//! step = (largest table range) / 255. [`sums_portable`] is the reference the SIMD version is
+//! tested against; both give the same integers.
+
+/// Cells per code block.
+pub const BLOCK: usize = 32;
+
+/// Most sub-vectors per head the u16 sums hold without overflow (gs * 255 <= 65535).
+pub const MAX_SUBVECTORS: usize = 256;
+
+/// Byte offset and nibble shift of code `i` (of `per` per cell) of `cell`.
+#[inline(always)]
+pub fn locate(cell: usize, i: usize, per: usize) -> (usize, u32) {
+    ((cell / BLOCK) * per * 16 + i * 16 + cell % 16, if cell % BLOCK >= 16 { 4 } else { 0 })
+}
+
+/// Bytes that hold the codes of `n_cells` cells of `per` codes each.
+pub fn bytes_for(n_cells: usize, per: usize) -> usize {
+    n_cells.div_ceil(BLOCK) * per * 16
+}
+
+/// Quantize one head's f32 tables (`gs` x 16) to u8: returns (bias, step) with
+/// table[i][c] ~ min_i + step * q[i][c] and bias = sum of min_i.
+pub fn quantize_tables(t: &[f32], q: &mut [u8]) -> (f32, f32) {
+    let mut bias = 0.0f32;
+    let mut range = 0.0f32;
+    for row in t.chunks_exact(16) {
+        let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        bias += lo;
+        range = range.max(hi - lo);
+    }
+    let step = if range > 0.0 && range.is_finite() { range / 255.0 } else { 1.0 };
+    let inv = 1.0 / step;
+    for (row, qrow) in t.chunks_exact(16).zip(q.chunks_exact_mut(16)) {
+        let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+        for (x, o) in row.iter().zip(qrow) {
+            *o = ((x - lo) * inv).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    (bias, step)
+}
+
+/// u8-table sums of the 32 cells of one block for `g` query heads: `codes` is the block's
+/// `16 * gs` bytes of one KV head, `tabs` the g heads' quantized tables (`gs * 16` each),
+/// `out[h * 32 + cell]`.
+pub fn sums(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if gs % 2 == 0 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above); the lengths are checked inside.
+        return unsafe { sums_avx2(codes, tabs, g, gs, out) };
+    }
+    sums_portable(codes, tabs, g, gs, out)
+}
+
+/// The reference for [`sums`].
+pub fn sums_portable(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS);
+    for h in 0..g {
+        let t = &tabs[h * gs * 16..(h + 1) * gs * 16];
+        for cell in 0..BLOCK {
+            let shift = if cell >= 16 { 4 } else { 0 };
+            let mut s = 0u32;
+            for i in 0..gs {
+                let code = (codes[i * 16 + cell % 16] >> shift) & 0x0f;
+                s += t[i * 16 + code as usize] as u32;
+            }
+            out[h * BLOCK + cell] = s as u16;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sums_avx2(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS && gs % 2 == 0);
+    let nib = _mm256_set1_epi8(0x0f);
+    let low_byte = _mm256_set1_epi16(0x00ff);
+    for h in 0..g {
+        let t = tabs.as_ptr().add(h * gs * 16);
+        // u16 lanes: cells 2k / 2k+1 of the low nibbles, 16+2k / 17+2k of the high ones; the
+        // two 128-bit halves hold even and odd sub-vectors and are added at the end
+        let (mut a0, mut a1, mut a2, mut a3) = (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+        for pair in 0..gs / 2 {
+            let c = _mm256_loadu_si256(codes.as_ptr().add(pair * 32) as *const __m256i);
+            let lo = _mm256_and_si256(c, nib);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), nib);
+            let tab = _mm256_loadu_si256(t.add(pair * 32) as *const __m256i);
+            let rl = _mm256_shuffle_epi8(tab, lo);
+            let rh = _mm256_shuffle_epi8(tab, hi);
+            a0 = _mm256_add_epi16(a0, _mm256_and_si256(rl, low_byte));
+            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(rl, 8));
+            a2 = _mm256_add_epi16(a2, _mm256_and_si256(rh, low_byte));
+            a3 = _mm256_add_epi16(a3, _mm256_srli_epi16(rh, 8));
+        }
+        let fold = |a: __m256i| _mm_add_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        let (s0, s1, s2, s3) = (fold(a0), fold(a1), fold(a2), fold(a3));
+        let o = out.as_mut_ptr().add(h * BLOCK) as *mut __m128i;
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(s0, s1));
+        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(s0, s1));
+        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(s2, s3));
+        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(s2, s3));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn simd_sums_equal_the_portable_ones() {
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        for (g, gs) in [(1, 2), (3, 64), (4, 32), (2, 128), (1, 256)] {
+            let codes: Vec<u8> = (0..16 * gs).map(|_| rng(&mut seed) as u8).collect();
+            let tabs: Vec<u8> = (0..g * gs * 16).map(|_| rng(&mut seed) as u8).collect();
+            let (mut a, mut b) = (vec![0u16; g * BLOCK], vec![1u16; g * BLOCK]);
+            sums_portable(&codes, &tabs, g, gs, &mut a);
+            sums(&codes, &tabs, g, gs, &mut b);
+            assert_eq!(a, b, "g {g} gs {gs}");
+        }
+        // the largest sums do not overflow
+        let gs = MAX_SUBVECTORS;
+        let (codes, tabs) = (vec![0xffu8; 16 * gs], vec![255u8; gs * 16]);
+        let mut out = vec![0u16; BLOCK];
+        sums(&codes, &tabs, 1, gs, &mut out);
+        assert!(out.iter().all(|&s| s as usize == 255 * gs));
+    }
+
+    #[test]
+    fn quantized_tables_score_within_the_rounding_bound() {
+        let mut seed = 99u64;
+        let gs = 64;
+        let t: Vec<f32> = (0..gs * 16).map(|i| (rng(&mut seed) % 20001) as f32 / 1000.0 - 10.0 + (i / 16) as f32 * 0.01).collect();
+        let mut q = vec![0u8; gs * 16];
+        let (bias, step) = quantize_tables(&t, &mut q);
+        let codes: Vec<u8> = (0..16 * gs).map(|_| rng(&mut seed) as u8).collect();
+        let mut s = vec![0u16; BLOCK];
+        sums_portable(&codes, &q, 1, gs, &mut s);
+        for cell in 0..BLOCK {
+            let exact: f32 = (0..gs)
+                .map(|i| {
+                    let (byte, shift) = locate(cell, i, gs);
+                    t[i * 16 + ((codes[byte] >> shift) & 0x0f) as usize]
+                })
+                .sum();
+            let got = bias + step * s[cell] as f32;
+            assert!((got - exact).abs() <= gs as f32 * step / 2.0 * 1.001 + 1e-4, "cell {cell}: {got} vs {exact}");
+        }
+    }
+}
