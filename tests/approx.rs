@@ -53,10 +53,10 @@ fn quality_of_each_mode_against_stock_f16() {
         ("preset=50", 0.015, 0.95),
         ("keys=int8", 0.005, 0.95),
         ("keys=int4", 0.04, 0.95),
-        ("preset=cpu25", 0.015, 0.95),
-        ("preset=cpu12.5", 0.05, 0.95),
+        ("preset=cpu25", 0.006, 0.95),
+        ("preset=cpu12.5", 0.02, 0.95),
         ("preset=cpu12.5,sink=0,recent=0,renorm=0", 0.08, 0.95),
-        ("preset=cpu12.5,prefill=coded", 0.2, 0.9),
+        ("preset=cpu12.5,prefill=coded", 0.05, 0.95),
     ];
     // codebooks calibrated on another text (the KJV Bible; this prompt is llama.cpp's README),
     // against the online ones fitted on this prompt itself
@@ -73,10 +73,9 @@ fn quality_of_each_mode_against_stock_f16() {
         .unwrap();
     assert!(out.status.success(), "calibrate: {}", String::from_utf8_lossy(&out.stderr));
     let calibrated = format!("preset=cpu12.5,codebook={}", cb.display());
-    // measured 0.0393..0.0482 mean KLD, top-1 0.938..0.953 (60 or 61 of 64 steps) as the code
-    // changed this session; fitted on 2048 tokens of another text, against online books fitted on
-    // this very prompt
-    let modes: Vec<(&str, f64, f64)> = modes.into_iter().chain([(calibrated.as_str(), 0.06, 0.9)]).collect();
+    // measured 0.0147 mean KLD, top-1 0.969 (62 of 64 steps): fitted on 2048 tokens of another
+    // text, against 0.0089 for online books fitted on this very prompt
+    let modes: Vec<(&str, f64, f64)> = modes.into_iter().chain([(calibrated.as_str(), 0.03, 0.9)]).collect();
     for (opts, max_kld, min_top1) in modes {
         let o = ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some(opts.into()), ..base.clone() };
         let (k, t) = measure(&o);
