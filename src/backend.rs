@@ -145,7 +145,7 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 /// Query tokens per block of the prompt kernel (see [`attention::exact_block`]).
-const BLOCK_TOKENS: usize = 16;
+const BLOCK_TOKENS: usize = 32;
 
 thread_local! {
     static SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new((Scratch::default(), Vec::new()));
