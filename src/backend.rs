@@ -316,6 +316,7 @@ impl Backend {
         };
         let mut fitted = 0;
         let mut note = String::new();
+        let t0 = std::time::Instant::now();
         for l in &mut self.layers {
             if let Some(n) = l.keys.settle(keep)? {
                 fitted += 1;
@@ -323,7 +324,7 @@ impl Backend {
             }
         }
         if fitted > 0 {
-            eprintln!("hc: {fitted} layers: {note}");
+            eprintln!("hc: {fitted} layers: {note} (the last layer; all layers took {:.2} s)", t0.elapsed().as_secs_f64());
         }
         if !self.prompt_noted && self.cfg.options.prefill == Prefill::Exact && !prompt {
             // the first generation step after a prompt: say what keeping it exact cost
