@@ -442,6 +442,8 @@ impl KeyStore {
     pub fn prepare(&self, q: &[f32], g: usize, prep: &mut Prep) {
         prep.q.clear();
         prep.q.extend_from_slice(&q[..g * self.dk]);
+        // set below for 4-bit codes only; a thread's scratch serves every layer and context
+        prep.scan = false;
         match &self.coded {
             Coded::Pq { books, dim, centroids, .. } if !books.is_empty() => {
                 let gs = self.dk / dim;
