@@ -42,12 +42,12 @@ fn run() -> Result<(), String> {
     // OUT_DIR is target/<profile>/build/hcattn-<hash>/out
     let profile_dir = out_dir.ancestors().nth(3).ok_or("unexpected OUT_DIR layout")?.to_path_buf();
     let target_dir = profile_dir.parent().ok_or("unexpected OUT_DIR layout")?.to_path_buf();
-    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some() && llama_cuda()?;
 
     for p in ["build", "patches", "vendor/llama-cpp.pin"] {
         println!("cargo:rerun-if-changed={}", manifest.join(p).display());
     }
-    for v in ["HCATTN_LLAMA_SRC", "HCATTN_LLAMA_NATIVE", "HCATTN_CUDA_ARCHS", "HCATTN_BUILD_JOBS"] {
+    for v in ["HCATTN_LLAMA_SRC", "HCATTN_LLAMA_NATIVE", "HCATTN_CUDA_ARCHS", "HCATTN_BUILD_JOBS", "HCATTN_LLAMA_CUDA", "CUDA_PATH"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
@@ -77,6 +77,8 @@ fn run() -> Result<(), String> {
     let bin = build.join("bin");
     println!("cargo:rustc-link-search=native={}", bin.display());
     println!("cargo:rustc-link-lib=dylib=llama");
+    // gguf_* and ggml_* calls of the generated models (src/llama/generated.rs)
+    println!("cargo:rustc-link-lib=dylib=ggml-base");
     // tests and examples run from target/<profile>/deps: let them find libllama where it was built
     println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:{}", bin.display());
     println!("cargo:include={}", src.join("include").display());
@@ -84,6 +86,27 @@ fn run() -> Result<(), String> {
     bindings(&src, &out_dir)?;
     place_outputs(&bin, &profile_dir)?;
     Ok(())
+}
+
+/// With the `cuda` feature: whether llama.cpp is built with its CUDA backend. It needs nvcc; the
+/// hc GPU tier does not (cudarc loads the driver and NVRTC when the program runs), so without
+/// nvcc the Rust side is still built for the GPU tier, against a CPU llama.cpp, with a warning.
+/// HCATTN_LLAMA_CUDA=0 or 1 decides instead (1 fails the build when nvcc is missing).
+fn llama_cuda() -> Result<bool, String> {
+    let nvcc = which("nvcc")
+        || env::var_os("CUDA_PATH").is_some_and(|p| Path::new(&p).join("bin/nvcc").exists())
+        || Path::new("/usr/local/cuda/bin/nvcc").exists();
+    match env::var("HCATTN_LLAMA_CUDA").ok().as_deref() {
+        Some("0") => Ok(false),
+        Some("1") if !nvcc => Err("HCATTN_LLAMA_CUDA=1 but nvcc was not found (PATH, CUDA_PATH, /usr/local/cuda)".into()),
+        Some("1") => Ok(true),
+        Some(v) => Err(format!("HCATTN_LLAMA_CUDA={v}: accepted 0 or 1")),
+        None if nvcc => Ok(true),
+        None => {
+            println!("cargo:warning=feature cuda: nvcc not found, so llama.cpp is built for the CPU; the hc GPU tier is built and loads CUDA when it runs");
+            Ok(false)
+        }
+    }
 }
 
 fn cmake_build(src: &Path, build: &Path, pin: &fetch::Pin, cuda: bool) -> Result<(), String> {
@@ -177,6 +200,9 @@ fn bindings(src: &Path, out_dir: &Path) -> Result<(), String> {
         .allowlist_type("llama_.*")
         .allowlist_var("LLAMA_.*")
         .allowlist_function("ggml_backend_load_all")
+        // gguf metadata and tensor data for models generated in memory (llama_model_init_from_user)
+        .allowlist_function("gguf_(init_empty|free|set_val_.*|set_arr_str|set_arr_data)")
+        .allowlist_function("ggml_(nelements|get_name|backend_tensor_set)")
         .prepend_enum_name(false)
         .derive_default(true)
         .layout_tests(false)

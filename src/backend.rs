@@ -119,6 +119,8 @@ pub struct Backend {
     prompt_noted: bool,
     /// what the threads of a one-token decode op share
     shared: Shared,
+    /// the GPU fast tier (device=cuda), mirroring the layers' codes
+    gpu: Option<crate::gpu::Tier>,
 }
 
 /// The one-token decode path (see `Backend::attend_one`) splits each step across the op's
@@ -130,10 +132,15 @@ struct Shared {
     logits: UnsafeCell<Vec<f32>>,
     ks: Vec<AtomicUsize>,
     barrier: SpinBarrier,
+    /// GPU decode: thread 0 writes the selection (or the error) before the barrier, every
+    /// thread reads it after
+    selection: UnsafeCell<crate::gpu::select::Selection>,
+    gpu_error: UnsafeCell<Option<Error>>,
 }
 
 // SAFETY: `logits` is resized only by `apply` (&mut self); during an op, threads write disjoint
-// regions before the barrier and only read after it.
+// regions before the barrier and only read after it. `selection` and `gpu_error` are written
+// by thread 0 only, before the barrier, and read by all only after it.
 unsafe impl Sync for Shared {}
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -147,10 +154,15 @@ fn gcd(a: usize, b: usize) -> usize {
 /// Query tokens per block of the prompt kernel (see [`attention::exact_block`]).
 const BLOCK_TOKENS: usize = 32;
 
+/// GPU decode, thread 0: the queries, the exact logits, a key row.
+type GpuStepScratch = (Vec<f32>, Vec<(u32, f32)>, Vec<f32>);
+
 thread_local! {
     static SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new((Scratch::default(), Vec::new()));
     static BLOCK: RefCell<(BlockScratch, Vec<f32>, Vec<(usize, usize)>)> = RefCell::new(Default::default());
     static APPROX: RefCell<ApproxScratch> = RefCell::new(ApproxScratch::default());
+    static GPU_STEP: RefCell<GpuStepScratch> = RefCell::new(Default::default());
+    static GPU_SUM: RefCell<crate::gpu::select::SumScratch> = RefCell::new(Default::default());
 }
 
 /// With `codebook=FILE`: read the file, check it against the model and the options, and settle
@@ -235,7 +247,13 @@ impl Backend {
         // a unified cache accepts any sequence id llama.cpp does, whatever n_seq_max says
         let seq_limit = if cfg.kv_unified { crate::cells::MAX_SEQ } else { cfg.n_seq_max };
         let cells = Cells::new(cfg.n_ctx, seq_limit)?;
-        Ok(Backend { cells, layers, layer_of, plan: Plan::default(), prompt_noted: false, shared: Shared::default(), cfg })
+        let gpu = if cfg.no_alloc { None } else { crate::gpu::open(&cfg.options, &crate::gpu::shapes(&cfg.options, &cfg.layers, cfg.n_ctx))? };
+        if gpu.is_some() {
+            for l in &mut layers {
+                l.keys.track_fresh(true);
+            }
+        }
+        Ok(Backend { cells, layers, layer_of, plan: Plan::default(), prompt_noted: false, shared: Shared::default(), gpu, cfg })
     }
 
     pub fn config(&self) -> &Config {
@@ -260,7 +278,8 @@ impl Backend {
         let values: usize = self.layers.iter().map(|l| l.vals.bytes()).sum();
         let in_file = self.cfg.options.values != Values::Host;
         let (host, file) = if in_file { (fast, values) } else { (fast + values, 0) };
-        Usage { host, device: 0, file, fast, codebooks }
+        let device = self.gpu.as_ref().map_or(0, |g| g.bytes());
+        Usage { host, device, file, fast, codebooks }
     }
 
     /// Bytes stock llama.cpp's f16 cache takes for the same context and layers.
@@ -398,6 +417,11 @@ impl Backend {
             again
         });
         self.settle(prompt)?;
+        if let Some(gpu) = &mut self.gpu {
+            for (i, l) in self.layers.iter_mut().enumerate() {
+                gpu.sync_layer(i, &mut l.keys)?;
+            }
+        }
         let mut plan = Plan::default();
         let mut list_of_seq: Vec<Option<u32>> = vec![None; self.cells.seq_limit()];
         for t in tokens {
@@ -519,8 +543,13 @@ impl Backend {
         if !o.is_exact() {
             let layer_k = o.select == Select::Layer;
             let a = Approx { tau: o.tau, renorm: o.renorm, layer_k };
-            if call.n_tokens == 1 && nth > 1 {
-                return self.attend_one(call, layer, q, out, a, ith, nth);
+            if call.n_tokens == 1 {
+                if let Some(gpu) = self.gpu.as_ref().filter(|g| g.ready(self.layer_of[call.il].unwrap_or(usize::MAX))) {
+                    return self.attend_gpu(gpu, call, layer, q, out, a, ith, nth);
+                }
+                if nth > 1 {
+                    return self.attend_one(call, layer, q, out, a, ith, nth);
+                }
             }
             // one k per layer needs every head of a token in one work item
             let per_item = if layer_k { d.n_head_kv } else { 1 };
@@ -662,6 +691,65 @@ impl Backend {
             s.probs = probs;
             Ok(())
         })
+    }
+
+    /// The decode path of `attend` with a GPU tier: thread 0 has the GPU score and select
+    /// (the logits of cells whose keys are still exact computed here and sent along), then
+    /// every thread sums the values of its share of the heads.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_gpu(&self, gpu: &crate::gpu::Tier, call: &Call, layer: &Layer, q: &dyn Input, out: &dyn Output, a: Approx, ith: usize, nth: usize) -> Result<()> {
+        let d = &layer.desc;
+        let g = d.n_head / d.n_head_kv;
+        let (pos, _, list) = self.plan.tokens[0];
+        let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
+        let sh = &self.shared;
+        if ith == 0 {
+            let r = GPU_STEP.with(|s| {
+                let (qbuf, over, row) = &mut *s.borrow_mut();
+                qbuf.clear();
+                for h in 0..d.n_head {
+                    // rounded to f16 as the CPU tier's scoring has them
+                    qbuf.extend(q.row(0, h)[..d.dk].iter().map(|&x| half::f16::from_f32(x).to_f32()));
+                }
+                over.clear();
+                if layer.keys.exact_cells() > 0 {
+                    row.resize(d.dk, 0.0);
+                    let n = cells.len();
+                    for (j, &(_, c)) in cells.iter().enumerate() {
+                        if layer.keys.is_exact(c as usize) {
+                            for h in 0..d.n_head {
+                                // SAFETY: keys are stored before this op and not written during it.
+                                unsafe { layer.keys.exact_row(c as usize, h / g) }.iter().zip(row.iter_mut()).for_each(|(k, r)| *r = k.to_f32());
+                                let dot: f32 = qbuf[h * d.dk..(h + 1) * d.dk].iter().zip(row.iter()).map(|(x, y)| x * y).sum();
+                                over.push(((h * n + j) as u32, call.scale.logit(dot)));
+                            }
+                        }
+                    }
+                }
+                let step = crate::gpu::Step { q: qbuf, cells, overrides: over, sinks: call.sinks, scale: call.scale, tau: a.tau, layer_k: a.layer_k };
+                // SAFETY: only thread 0 writes, before the barrier (see `Shared`).
+                gpu.decode(self.layer_of[call.il].unwrap_or(usize::MAX), &step, unsafe { &mut *sh.selection.get() })
+            });
+            // SAFETY: as above.
+            unsafe { *sh.gpu_error.get() = r.err() };
+        }
+        sh.barrier.wait(nth)?;
+        // SAFETY: thread 0 wrote these before the barrier; from here they are only read.
+        if let Some(e) = unsafe { &*sh.gpu_error.get() } {
+            return Err(e.clone());
+        }
+        // SAFETY: the same.
+        let sel = unsafe { &*sh.selection.get() };
+        GPU_SUM.with(|s| {
+            let s = &mut *s.borrow_mut();
+            for h in (d.n_head * ith / nth)..(d.n_head * (ith + 1) / nth) {
+                let kvh = h / g;
+                // SAFETY: values were stored before this op and are not written during it.
+                let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
+                sel.sum_head(h, cells, a.renorm, val, s, out.span(0, h, d.dv));
+            }
+        });
+        Ok(())
     }
 
     /// The prompt path of `attend`: runs of up to BLOCK_TOKENS consecutive tokens of one

@@ -232,6 +232,9 @@ pub struct KeyStore {
     seed: u64,
     /// most bytes the exact rows have held (prefill=exact keeps a whole prompt exact)
     peak_exact: usize,
+    /// cells coded since the last [`KeyStore::take_fresh`], kept while a GPU tier mirrors the
+    /// codes (None: nobody asks)
+    fresh: Option<Vec<u32>>,
 }
 
 impl KeyStore {
@@ -260,7 +263,7 @@ impl KeyStore {
                 }
             }
         };
-        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row)?, coded, fit_tokens, seed, peak_exact: 0 })
+        Ok(KeyStore { n_head_kv, dk, slab: Slab::new(n_cells, row)?, coded, fit_tokens, seed, peak_exact: 0, fresh: None })
     }
 
     pub fn is_exact_codec(&self) -> bool {
@@ -373,6 +376,9 @@ impl KeyStore {
 
     fn encode(&mut self, cell: usize, keys: &[f32]) {
         let row = self.n_head_kv * self.dk;
+        if let Some(f) = &mut self.fresh {
+            f.push(cell as u32);
+        }
         match &mut self.coded {
             Coded::None => {}
             Coded::Pq { dim, books, codes, .. } => {
@@ -690,6 +696,9 @@ impl KeyStore {
                             }
                             codes.set(cell, i, d as u32);
                         }
+                        if let Some(f) = &mut self.fresh {
+                            f.push(cell as u32);
+                        }
                         Ok(())
                     }
                     Coded::Int { bits, group, codes, scale, zero } => {
@@ -711,6 +720,32 @@ impl KeyStore {
                 }
             }
             x => Err(Error::State(format!("bad key form byte {x}"))),
+        }
+    }
+
+    /// PQ settings: (pq_dim, centroids, sub-vectors per KV head); None for other codecs.
+    pub fn pq_shape(&self) -> Option<(usize, usize, usize)> {
+        match &self.coded {
+            Coded::Pq { dim, centroids, .. } => Some((*dim, *centroids, self.dk / dim)),
+            _ => None,
+        }
+    }
+
+    /// Start (or stop) listing the cells whose codes change, for a GPU tier that mirrors them.
+    pub fn track_fresh(&mut self, on: bool) {
+        self.fresh = on.then(Vec::new);
+    }
+
+    /// The cells coded since the last call (each may appear more than once).
+    pub fn take_fresh(&mut self) -> Vec<u32> {
+        self.fresh.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The PQ codes of `cell`, every KV head's in order (n_head_kv * dk / pq_dim of them).
+    pub fn code_row(&self, cell: usize, out: &mut Vec<u16>) {
+        if let Coded::Pq { dim, codes, .. } = &self.coded {
+            let per = self.n_head_kv * self.dk / dim;
+            out.extend((0..per).map(|i| codes.get(cell, i) as u16));
         }
     }
 

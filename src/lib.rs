@@ -5,6 +5,7 @@
 //! export is `llama_kv_backend_init`). Layout, outside in:
 //! - [`abi`]: the `extern "C"` function table; nothing unwinds across it;
 //! - [`backend`]: one context's KV backend: options, cells, stores, attention, state;
+//! - [`gpu`]: the GPU fast tier (key codes, scoring and selection in CUDA; `cuda` feature);
 //! - [`llama`]: a small safe layer over the patched libllama for the tools and tests.
 
 pub mod abi;
@@ -18,6 +19,7 @@ pub mod cells;
 pub mod codebook;
 pub mod error;
 pub mod gguf;
+pub mod gpu;
 pub mod keys;
 pub mod llama;
 pub mod models;

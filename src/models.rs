@@ -139,9 +139,14 @@ pub fn fetch_into(m: &PinnedModel, cache: &Path) -> Result<PathBuf> {
     res.map(|_| dest)
 }
 
-/// A model given as a file path, or the name of a pinned model (fetched when missing).
+/// A model given as a file path, the name of a pinned model (fetched when missing), or
+/// `gen:NAME`, a model generated in memory (`crate::llama::generated`), passed on as is.
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
+    if let Some(name) = spec.strip_prefix("gen:") {
+        crate::llama::generated::shape(name)?;
+        return Ok(p.to_path_buf());
+    }
     if p.exists() || spec.contains('/') || spec.ends_with(".gguf") {
         return Ok(p.to_path_buf());
     }
@@ -180,5 +185,8 @@ mod tests {
         assert_eq!(resolve("/some/where/m.gguf").unwrap(), PathBuf::from("/some/where/m.gguf"));
         let e = resolve("llama-7b").unwrap_err().to_string();
         assert!(e.contains("unknown model 'llama-7b'") && e.contains("gemma3"), "{e}");
+        assert_eq!(resolve("gen:llama3-8b").unwrap(), PathBuf::from("gen:llama3-8b"));
+        let e = resolve("gen:llama9").unwrap_err().to_string();
+        assert!(e.contains("gen:llama9") && e.contains("llama3-8b"), "{e}");
     }
 }

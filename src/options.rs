@@ -114,6 +114,14 @@ pub enum Prefill {
     Anchor(usize),
 }
 
+/// Where the fast tier (the key codes, their scoring and the selection) lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// CUDA device N (see `gpu`): codes in its memory, values still in the host tier
+    Cuda(usize),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     pub keys: KeyCodec,
@@ -133,6 +141,7 @@ pub struct Options {
     pub prefill: Prefill,
     pub codebook: CodebookSource,
     pub values: Values,
+    pub device: Device,
 }
 
 impl Default for Options {
@@ -149,6 +158,7 @@ impl Default for Options {
             prefill: Prefill::Exact,
             codebook: CodebookSource::Online,
             values: Values::Host,
+            device: Device::Cpu,
         }
     }
 }
@@ -171,6 +181,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ("values", "host", "host, file:DIR", "values in host memory, or in a memory-mapped file in DIR (created, and removed at once, by the context)"),
     ("recent", "0", "0 or more", "the last N tokens keep exact keys"),
     ("sink", "0", "0 or more", "the first N tokens keep exact keys"),
+    ("device", "cpu", "cpu, cuda, cuda:N", "where the key codes are kept, scored and selected: host memory, or CUDA device N (0 for `cuda`); values stay in the host tier. Needs a build with `--features cuda` and keys=pq; otherwise the CPU tier is used and the log says why"),
 ];
 
 /// Presets: (name, the options string it stands for). The paper's 50/25/12.5 are fast-tier
@@ -318,6 +329,16 @@ impl Options {
                         v => match v.strip_prefix("file:") {
                             Some(dir) if !dir.is_empty() => Values::File(dir.to_string()),
                             _ => return Err(bad(key, format!("unknown value '{value}'; accepted: host, file:DIR"))),
+                        },
+                    }
+                }
+                "device" => {
+                    o.device = match value {
+                        "cpu" => Device::Cpu,
+                        "cuda" => Device::Cuda(0),
+                        v => match v.strip_prefix("cuda:").map(str::parse::<usize>) {
+                            Some(Ok(n)) => Device::Cuda(n),
+                            _ => return Err(bad(key, format!("unknown value '{value}'; accepted: cpu, cuda, cuda:N"))),
                         },
                     }
                 }

@@ -108,8 +108,18 @@ enum Cmd {
         configs: Vec<String>,
         #[arg(short, long)]
         threads: Option<i32>,
+        /// model layers offloaded to the GPU (a CUDA build of llama.cpp; 0 = CPU)
+        #[arg(long, default_value_t = 0)]
+        ngl: i32,
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Run the GPU tier's kernels on generated inputs and compare them with the host
+    /// references (needs a build with --features cuda and an NVIDIA GPU).
+    GpuCheck {
+        /// CUDA device
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// Fit PQ key codebooks on a text's keys and write them as a GGUF sidecar for
     /// `--kv-backend-opts codebook=FILE`.
@@ -168,6 +178,11 @@ fn write_out(path: Option<&std::path::Path>, content: &str) -> Result<()> {
 /// Register hc, load the model, and tokenize at least `want` tokens of the text (default: the
 /// pinned KJV).
 fn load_with_text(model: Option<String>, file: Option<PathBuf>, want: usize) -> Result<(hcattn::llama::Model, Vec<i32>)> {
+    load_with_text_ngl(model, file, want, 0)
+}
+
+/// As `load_with_text`, with `ngl` model layers on the GPU.
+fn load_with_text_ngl(model: Option<String>, file: Option<PathBuf>, want: usize, ngl: i32) -> Result<(hcattn::llama::Model, Vec<i32>)> {
     let model_path = default_model(model)?;
     let text_path = match file {
         Some(f) => f,
@@ -175,7 +190,7 @@ fn load_with_text(model: Option<String>, file: Option<PathBuf>, want: usize) -> 
     };
     let text = std::fs::read(&text_path).map_err(|e| anyhow!("cannot read the text {}: {e}", text_path.display()))?;
     hcattn::llama::register_hc()?;
-    let m = hcattn::llama::Model::load(&model_path)?;
+    let m = hcattn::llama::Model::load_with(&model_path, ngl)?;
     let tokens = tokenize_prefix(&m, &String::from_utf8_lossy(&text), want)?;
     Ok((m, tokens))
 }
@@ -192,6 +207,24 @@ fn tokenize_prefix(m: &hcattn::llama::Model, text: &str, want: usize) -> Result<
         return m.tokenize(text, true);
     }
     Ok(tokens)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(device: usize) -> Result<()> {
+    match hcattn::gpu::Tier::self_check(device) {
+        Ok(lines) => {
+            for l in lines {
+                println!("ok: {l}");
+            }
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("GPU check failed: {e}")),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: usize) -> Result<()> {
+    Err(anyhow!("this build has no GPU tier: build with `cargo build --release --features cuda`"))
 }
 
 fn default_threads() -> i32 {
@@ -239,10 +272,10 @@ fn run(cli: Cli) -> Result<()> {
             write_out(json.as_deref(), &serde_json::to_string_pretty(&cells)?)?;
             write_out(svg.as_deref(), &needle::svg(&cells, &a))?;
         }
-        Cmd::Bench { model, depths, n_prompt, n_gen, reps, configs, threads, json } => {
+        Cmd::Bench { model, depths, n_prompt, n_gen, reps, configs, threads, ngl, json } => {
             use hcattn::tools::{bench, compare};
             let configs = configs.iter().map(|c| compare::Config::parse(c)).collect::<Result<Vec<_>>>()?;
-            let (m, tokens) = load_with_text(model, None, 4096)?;
+            let (m, tokens) = load_with_text_ngl(model, None, 4096, ngl)?;
             let a = bench::Args { depths, n_prompt, n_gen, reps, threads: threads.unwrap_or_else(default_threads) };
             let rows = bench::run(&m, &tokens, &configs, &a, |r| {
                 eprintln!("  {:40} depth {:6}: prefill {:.2}x, decode {:.2}x", r.config, r.depth, r.prefill_ratio, r.decode_ratio)
@@ -250,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", bench::markdown(&rows));
             write_out(json.as_deref(), &serde_json::to_string_pretty(&rows)?)?;
         }
+        Cmd::GpuCheck { device } => gpu_check(device)?,
         Cmd::Calibrate { model, file, tokens, pq_dim, centroids, scope, seed, threads, output } => {
             let threads = threads.unwrap_or_else(default_threads);
             let args = hcattn::tools::calibrate::Args {

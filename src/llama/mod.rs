@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::sys;
 
+pub mod generated;
+
 static INIT: Once = Once::new();
 static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
 
@@ -66,12 +68,25 @@ unsafe impl Sync for Model {}
 
 impl Model {
     pub fn load(path: &Path) -> Result<Model> {
+        Model::load_with(path, 0)
+    }
+
+    /// A model file with `n_gpu_layers` layers offloaded to the GPU (with a CUDA llama.cpp),
+    /// or, for `gen:NAME`, a model of that shape generated in memory (see [`generated`]).
+    pub fn load_with(path: &Path, n_gpu_layers: i32) -> Result<Model> {
         init();
+        if let Some(name) = path.to_str().and_then(|p| p.strip_prefix("gen:")) {
+            let ptr = generated::build(generated::shape(name)?, n_gpu_layers, 0)?;
+            if ptr.is_null() {
+                bail!("llama.cpp could not create the generated model gen:{name}: {}", take_error());
+            }
+            return Ok(Model { ptr });
+        }
         let c = CString::new(path.to_string_lossy().as_bytes())?;
         // SAFETY: default params, a valid path string.
         let ptr = unsafe {
             let mut p = sys::llama_model_default_params();
-            p.n_gpu_layers = 0;
+            p.n_gpu_layers = n_gpu_layers;
             sys::llama_model_load_from_file(c.as_ptr(), p)
         };
         if ptr.is_null() {

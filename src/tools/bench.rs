@@ -32,9 +32,13 @@ pub struct Row {
     pub decode_tps: f64,
     pub prefill_ratio: f64,
     pub decode_ratio: f64,
+    /// hc: bytes of the fast tier per context cell (GPU memory with device=cuda, else the
+    /// host's codes and codebooks); stock: none (its whole cache is the `--ngl` device's or
+    /// the host's)
+    pub fast_bytes_per_token: Option<f64>,
 }
 
-fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOptions) -> Result<(f64, f64)> {
+fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOptions) -> Result<(f64, f64, Option<f64>)> {
     let mut ctx = Context::new(model, o)?;
     let tok = |i: usize| tokens[i % tokens.len()];
     let feed = |ctx: &mut Context, from: usize, n: usize| -> Result<()> {
@@ -66,7 +70,10 @@ fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOption
         }
     }
     let decode = (a.n_gen - 1) as f64 / t1.elapsed().as_secs_f64();
-    Ok((prefill, decode))
+    // SAFETY: this thread drives the only context, and it is idle between decodes
+    let usage = unsafe { crate::abi::live_backends(|b| b.last().map(|be| be.usage())) };
+    let per_token = usage.map(|u| if u.device > 0 { u.device } else { u.fast } as f64 / o.n_ctx as f64);
+    Ok((prefill, decode, per_token))
 }
 
 /// Every (depth, configuration); stock f16 runs first at each depth as the reference.
@@ -85,19 +92,27 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
             n_threads: a.threads,
             ..Default::default()
         };
-        let best = |c: &Config| -> Result<(f64, f64)> {
-            let mut b = (0.0f64, 0.0f64);
+        let best = |c: &Config| -> Result<(f64, f64, Option<f64>)> {
+            let mut b = (0.0f64, 0.0f64, None);
             for _ in 0..a.reps {
-                let (p, d) = once(model, tokens, depth, a, &c.context_options(&base))?;
-                b = (b.0.max(p), b.1.max(d));
+                let (p, d, m) = once(model, tokens, depth, a, &c.context_options(&base))?;
+                b = (b.0.max(p), b.1.max(d), m);
                 bar.inc(1);
             }
             Ok(b)
         };
         let reference = best(&f16)?;
         for c in configs {
-            let (p, d) = if *c == f16 { reference } else { best(c)? };
-            let row = Row { config: c.name.clone(), depth, prefill_tps: p, decode_tps: d, prefill_ratio: p / reference.0, decode_ratio: d / reference.1 };
+            let (p, d, m) = if *c == f16 { reference } else { best(c)? };
+            let row = Row {
+                config: c.name.clone(),
+                depth,
+                prefill_tps: p,
+                decode_tps: d,
+                prefill_ratio: p / reference.0,
+                decode_ratio: d / reference.1,
+                fast_bytes_per_token: m,
+            };
             report(&row);
             rows.push(row);
         }
@@ -107,11 +122,17 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
 }
 
 pub fn markdown(rows: &[Row]) -> String {
-    let mut s = String::from("| configuration | depth | prefill t/s | x f16 | decode t/s | x f16 |\n|---|---|---|---|---|---|\n");
+    let mut s = String::from("| configuration | depth | prefill t/s | x f16 | decode t/s | x f16 | hc fast tier B/token |\n|---|---|---|---|---|---|---|\n");
     for r in rows {
         s += &format!(
-            "| {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x |\n",
-            r.config, r.depth, r.prefill_tps, r.prefill_ratio, r.decode_tps, r.decode_ratio
+            "| {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x | {} |\n",
+            r.config,
+            r.depth,
+            r.prefill_tps,
+            r.prefill_ratio,
+            r.decode_tps,
+            r.decode_ratio,
+            r.fast_bytes_per_token.map_or("".to_string(), |b| format!("{b:.0}"))
         );
     }
     s
