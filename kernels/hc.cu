@@ -192,7 +192,7 @@ extern "C" __global__ void hc_softmax(float *logits, u32 n, const float *sinks) 
     m = block_max(m, shf);
     float sk = sinks ? sinks[blockIdx.x] : -3.402823466e38f;
     m = fmaxf(m, sk);
-    if (!(m > -3.402823466e38f) || isinf(m)) {
+    if (!(m > -3.402823466e38f) || m > 3.402823466e38f) {  // nothing finite (or +inf)
         for (u32 j = threadIdx.x; j < n; j += blockDim.x) l[j] = 0.0f;
         return;
     }

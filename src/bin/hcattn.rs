@@ -51,6 +51,9 @@ enum Cmd {
         /// threads (default: all cores)
         #[arg(short, long)]
         threads: Option<i32>,
+        /// model layers offloaded to the GPU (a CUDA build of llama.cpp; 0 = CPU)
+        #[arg(long, default_value_t = 0)]
+        ngl: i32,
         /// also write the rows as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
@@ -243,10 +246,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", hcattn::texts::kjv()?.display());
         }
-        Cmd::Compare { model, file, ctx, score, configs, threads, json, svg } => {
+        Cmd::Compare { model, file, ctx, score, configs, threads, ngl, json, svg } => {
             use hcattn::tools::compare;
             let configs = configs.iter().map(|c| compare::Config::parse(c)).collect::<Result<Vec<_>>>()?;
-            let (m, tokens) = load_with_text(model, file, ctx)?;
+            let (m, tokens) = load_with_text_ngl(model, file, ctx, ngl)?;
             let p = compare::Protocol { ctx, score, threads: threads.unwrap_or_else(default_threads) };
             eprintln!(
                 "hcattn: prompt {} tokens, {} scored single-token steps",

@@ -97,6 +97,9 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
 /// Threads of the one-block-per-head kernels (SELECT_THREADS in hc.cu).
 const SELECT_THREADS: u32 = 1024;
 
+/// Exact logits the scratch holds at first.
+const EXACT_LOGITS: usize = 4096;
+
 /// A null device pointer, for the kernels' optional arguments.
 const NULL: u64 = 0;
 
@@ -172,8 +175,9 @@ impl Tier {
         let table = shapes.iter().flatten().map(|s| s.n_head * s.layout.per_head * s.centroids).max().unwrap_or(0);
         let codes: usize = shapes.iter().flatten().map(|s| s.layout.bytes()).sum();
         let books: usize = shapes.iter().flatten().map(|s| s.books * s.centroids * s.pq_dim * 4).sum();
-        // logits, selections and their probabilities for every head and cell; tables; cells
-        let scratch = n_head * n_cells * 12 + table * 4 + n_cells * 4 + n_head * (dk + 32);
+        // logits, selections and their probabilities for every head and cell; tables; cells;
+        // exact logits; queries, sinks, cuts
+        let scratch = n_head * n_cells * 12 + table * 4 + n_cells * 4 + EXACT_LOGITS * 8 + n_head * (dk + 32);
         let need = codes + books + scratch;
         let (free, _) = o.ctx.mem_get_info().map_err(|e| Error::Config(format!("GPU {}: {e}", o.name)))?;
         if need > free {
@@ -208,8 +212,9 @@ impl Tier {
             cells: s.alloc_zeros(a(n_cells)).map_err(alloc_err("cell lists"))?,
             logits: s.alloc_zeros(a(n_head * n_cells)).map_err(alloc_err("logits"))?,
             sinks: s.alloc_zeros(a(n_head)).map_err(alloc_err("sinks"))?,
-            over_at: s.alloc_zeros(a(n_head * n_cells)).map_err(alloc_err("exact logits"))?,
-            over_val: s.alloc_zeros(a(n_head * n_cells)).map_err(alloc_err("exact logits"))?,
+            // exact keys are few in decode (sink, recent); grown when a step has more
+            over_at: s.alloc_zeros(EXACT_LOGITS).map_err(alloc_err("exact logits"))?,
+            over_val: s.alloc_zeros(EXACT_LOGITS).map_err(alloc_err("exact logits"))?,
             cut: s.alloc_zeros(a(4 * n_head)).map_err(alloc_err("cuts"))?,
             mass: s.alloc_zeros(a(n_head)).map_err(alloc_err("masses"))?,
             k: s.alloc_zeros(1).map_err(alloc_err("k"))?,
@@ -221,7 +226,7 @@ impl Tier {
             val: Vec::new(),
             ids: Vec::new(),
         };
-        let bytes = codes + books + scratch + n_head * n_cells * 8;
+        let bytes = need;
         Ok(Ok(Tier { stream: o.stream, f: o.f, layers, scratch: Mutex::new(scratch_bufs), name: o.name, bytes }))
     }
 
@@ -348,6 +353,11 @@ impl Tier {
                 }
                 sc.at.push(at);
                 sc.val.push(v);
+            }
+            if sc.over_at.len() < m {
+                let cap = m.next_power_of_two();
+                sc.over_at = s.alloc_zeros(cap).map_err(driver("growing the exact-logit buffer"))?;
+                sc.over_val = s.alloc_zeros(cap).map_err(driver("growing the exact-logit buffer"))?;
             }
             s.memcpy_htod(&sc.at, &mut sc.over_at.slice_mut(0..m)).map_err(driver("uploading exact logits"))?;
             s.memcpy_htod(&sc.val, &mut sc.over_val.slice_mut(0..m)).map_err(driver("uploading exact logits"))?;

@@ -12,7 +12,6 @@ typedef unsigned long size_t;
 __device__ float expf(float);
 __device__ float tanhf(float);
 __device__ float fmaxf(float, float);
-__device__ int isinf(float);
 
 __device__ static inline unsigned __float_as_uint(float x) { return __builtin_bit_cast(unsigned, x); }
 __device__ static inline float __uint_as_float(unsigned x) { return __builtin_bit_cast(float, x); }
