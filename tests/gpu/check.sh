@@ -12,7 +12,8 @@
 #      Llama-3-8B-shaped at the lengths in LLAMA_DEPTHS (default 32768 131072).
 # Everything lands in $OUT (default /tmp/hcattn-gpu-out): logs, JSON and summary.md.
 # Environment: KIT, OUT, WORK (build folder), HCATTN_CUDA_ARCHS (default 90), STAGES
-# (default "build kernels exact bench"), LLAMA_DEPTHS, CPU_ONLY=1 (plumbing check on a machine
+# (default "build kernels exact bench"; "threads" adds the CPU tier at 4, 8 and 16 threads),
+# LLAMA_DEPTHS, CPU_ONLY=1 (plumbing check on a machine
 # without a GPU: CPU build, the GPU stages expect the fallback).
 set -euo pipefail
 
@@ -118,5 +119,14 @@ if has bench; then
         --configs f16 hc:preset=cpu12.5,prefill=anchor:1024,device=cuda \
         --json "$OUT/bench-llama3-8b.json" >"$OUT/bench-llama3-8b.md" 2>"$OUT/bench-llama3-8b.log" || fail "bench gen:llama3-8b (see its log)"
     cat "$OUT/bench-llama3-8b.md" >>"$summary"
+fi
+if has threads; then
+    # the CPU tier's thread scaling, which a 2-core build machine cannot show (optional stage)
+    for t in 4 8 16; do
+        say "CPU tier with $t threads (bench, gen:smollm2, no GPU layers)"
+        "$hc" bench -m gen:smollm2 --ngl 0 -t $t --depths 8192 --n-prompt 512 --n-gen 64 --configs f16 cpu12.5 \
+            --json "$OUT/bench-threads-$t.json" >"$OUT/bench-threads-$t.md" 2>"$OUT/bench-threads-$t.log" || fail "bench -t $t"
+        cat "$OUT/bench-threads-$t.md" >>"$summary"
+    done
 fi
 say "done"
