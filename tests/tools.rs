@@ -105,12 +105,21 @@ fn bench_reports_ratios_to_stock_at_each_depth() {
     let json = tmp("b.json");
     let out = tool(
         "bench",
-        &["-m", m.to_str().unwrap(), "--depths", "0", "64", "--n-prompt", "32", "--n-gen", "4", "--configs", "f16", "hc", "--json", json.to_str().unwrap()],
+        &["-m", m.to_str().unwrap(), "--depths", "0", "64", "--n-prompt", "32", "--n-gen", "4", "--configs", "f16", "hc", "cpu12.5", "--json", json.to_str().unwrap()],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 4, "two depths x two configurations");
+    assert_eq!(rows.len(), 6, "two depths x three configurations");
+    // fast-tier bytes per cell: hc exact holds f16 keys only (half of stock's K and V);
+    // cpu12.5's 4-bit codes are an eighth of that, but in this 256-cell context its codebooks
+    // and 20 exact rows weigh as much again
+    let per = |c: &str, d: u64| rows.iter().find(|r| r["config"] == c && r["depth"] == d).unwrap()["fast_bytes_per_token"].as_f64().unwrap();
+    for d in [0, 64] {
+        let (stock, exact, small) = (per("stock f16", d), per("hc exact", d), per("hc preset=cpu12.5", d));
+        assert!(stock > 0.0 && (exact - stock / 2.0).abs() < 1e-6 * stock, "depth {d}: stock {stock}, hc exact {exact}");
+        assert!(small < exact, "depth {d}: cpu12.5 {small} B/token against {exact}");
+    }
     for r in rows {
         for k in ["prefill_tps", "decode_tps", "prefill_ratio", "decode_ratio"] {
             let v = r[k].as_f64().unwrap();

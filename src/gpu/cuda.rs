@@ -271,6 +271,8 @@ impl Tier {
         let per = l.n_kvh * l.per_head;
         // in chunks, so that a whole prompt's codes need no large staging buffer
         let mut staged: Vec<u16> = Vec::new();
+        // the device copies live until the stream is done with them (below)
+        let mut in_flight = Vec::new();
         for cells in fresh.chunks(1 << 16) {
             staged.clear();
             for &c in cells {
@@ -288,9 +290,10 @@ impl Tier {
             // SAFETY: the arguments match hc_pack's parameters in order and type; the buffers
             // hold what the layout says (codes: l.bytes(); staged: m * per; cells: m).
             unsafe { b.launch(cfg((grid(threads, 256), 1, 1), 256)) }.map_err(driver("hc_pack"))?;
+            in_flight.push((staged_dev, cells_dev));
         }
-        // the staging buffers are freed when they drop, after the stream has used them
         s.synchronize().map_err(driver("copying codes"))?;
+        drop(in_flight);
         Ok(())
     }
 

@@ -100,6 +100,16 @@ impl Model {
         unsafe { sys::llama_model_get_vocab(self.ptr) }
     }
 
+    /// K and V elements one token adds to a stock cache: layers x KV heads x head size x 2
+    /// (the head size taken as n_embd / n_head, as in llama-shaped models).
+    pub fn kv_elements_per_token(&self) -> usize {
+        // SAFETY: valid model pointer; plain getters.
+        let (l, hkv, e, h) = unsafe {
+            (sys::llama_model_n_layer(self.ptr), sys::llama_model_n_head_kv(self.ptr), sys::llama_model_n_embd(self.ptr), sys::llama_model_n_head(self.ptr))
+        };
+        (l.max(0) as usize) * (hkv.max(0) as usize) * (e.max(0) as usize / h.max(1) as usize) * 2
+    }
+
     pub fn n_vocab(&self) -> usize {
         // SAFETY: valid vocab.
         unsafe { sys::llama_vocab_n_tokens(self.vocab()) as usize }

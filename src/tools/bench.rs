@@ -32,10 +32,10 @@ pub struct Row {
     pub decode_tps: f64,
     pub prefill_ratio: f64,
     pub decode_ratio: f64,
-    /// hc: bytes of the fast tier per context cell (GPU memory with device=cuda, else the
-    /// host's codes and codebooks); stock: none (its whole cache is the `--ngl` device's or
-    /// the host's)
-    pub fast_bytes_per_token: Option<f64>,
+    /// Bytes per context cell of the fast tier: for stock, its whole K and V cache (on the GPU
+    /// with `--ngl`); for hc, its GPU memory with device=cuda, else the host's codes,
+    /// codebooks and exact rows
+    pub fast_bytes_per_token: f64,
 }
 
 fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOptions) -> Result<(f64, f64, Option<f64>)> {
@@ -71,8 +71,9 @@ fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOption
     }
     let decode = (a.n_gen - 1) as f64 / t1.elapsed().as_secs_f64();
     // SAFETY: this thread drives the only context, and it is idle between decodes
-    let usage = unsafe { crate::abi::live_backends(|b| b.last().map(|be| be.usage())) };
-    let per_token = usage.map(|u| if u.device > 0 { u.device } else { u.fast } as f64 / o.n_ctx as f64);
+    let usage = unsafe { crate::abi::live_backends(|b| b.last().map(|be| (be.usage(), be.config().n_ctx))) };
+    // per cell of the backend (llama.cpp rounds the context size up)
+    let per_token = usage.map(|(u, cells)| if u.device > 0 { u.device } else { u.fast } as f64 / cells.max(1) as f64);
     Ok((prefill, decode, per_token))
 }
 
@@ -104,6 +105,15 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
         let reference = best(&f16)?;
         for c in configs {
             let (p, d, m) = if *c == f16 { reference } else { best(c)? };
+            let stock = |t: Option<&str>| {
+                let per_elem = match t {
+                    Some("q8_0") => 34.0 / 32.0,
+                    Some("q4_0") => 18.0 / 32.0,
+                    _ => 2.0,
+                };
+                model.kv_elements_per_token() as f64 * per_elem
+            };
+            let m = if c.hc_opts.is_some() { m.unwrap_or(0.0) } else { stock(c.cache_type.as_deref()) };
             let row = Row {
                 config: c.name.clone(),
                 depth,
@@ -122,7 +132,7 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
 }
 
 pub fn markdown(rows: &[Row]) -> String {
-    let mut s = String::from("| configuration | depth | prefill t/s | x f16 | decode t/s | x f16 | hc fast tier B/token |\n|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("| configuration | depth | prefill t/s | x f16 | decode t/s | x f16 | fast tier B/token |\n|---|---|---|---|---|---|---|\n");
     for r in rows {
         s += &format!(
             "| {} | {} | {:.1} | {:.2}x | {:.2} | {:.2}x | {} |\n",
@@ -132,7 +142,7 @@ pub fn markdown(rows: &[Row]) -> String {
             r.prefill_ratio,
             r.decode_tps,
             r.decode_ratio,
-            r.fast_bytes_per_token.map_or("".to_string(), |b| format!("{b:.0}"))
+            format!("{:.0}", r.fast_bytes_per_token)
         );
     }
     s
