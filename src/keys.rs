@@ -723,14 +723,6 @@ impl KeyStore {
         }
     }
 
-    /// PQ settings: (pq_dim, centroids, sub-vectors per KV head); None for other codecs.
-    pub fn pq_shape(&self) -> Option<(usize, usize, usize)> {
-        match &self.coded {
-            Coded::Pq { dim, centroids, .. } => Some((*dim, *centroids, self.dk / dim)),
-            _ => None,
-        }
-    }
-
     /// Start (or stop) listing the cells whose codes change, for a GPU tier that mirrors them.
     pub fn track_fresh(&mut self, on: bool) {
         self.fresh = on.then(Vec::new);
