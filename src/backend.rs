@@ -1051,7 +1051,7 @@ mod tests {
             let mut blob = Vec::new();
             crate::state::write(&mut be, -1, &mut |b| blob.extend_from_slice(b)).unwrap();
             let mut target = Backend::new(config(opts)).unwrap();
-            let mut load = |bytes: &[u8], target: &mut Backend| {
+            let load = |bytes: &[u8], target: &mut Backend| {
                 let mut at = 0;
                 let r = crate::state::read(target, -1, &mut |buf: &mut [u8]| {
                     if at + buf.len() > bytes.len() {
