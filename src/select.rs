@@ -364,17 +364,17 @@ pub fn top_k_sorted(p: &[f32], k: usize) -> Vec<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rng(seed: &mut u64) -> f32 {
+    pub(crate) fn rng(seed: &mut u64) -> f32 {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
         (*seed >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    fn softmax(z: &[f32]) -> Vec<f32> {
+    pub(crate) fn softmax(z: &[f32]) -> Vec<f32> {
         let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f32> = z.iter().map(|x| (x - m).exp()).collect();
         let s: f32 = e.iter().sum();

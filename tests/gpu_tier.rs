@@ -4,6 +4,7 @@
 //! are checked on a GPU by tests/gpu/check.sh (`hcattn gpu-check`).
 
 mod common;
+use common::hc_small as hc;
 use common::*;
 
 use std::path::Path;
@@ -32,9 +33,6 @@ fn kernels_compile_to_ptx() {
     }
 }
 
-fn hc(opts: &str) -> ContextOptions {
-    ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, kv_backend: Some("hc".into()), kv_backend_opts: Some(opts.into()), ..Default::default() }
-}
 
 #[test]
 fn device_cuda_without_a_gpu_gives_the_cpu_tiers_results() {

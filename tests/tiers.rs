@@ -2,13 +2,11 @@
 //! llama.cpp, on a generated llama model.
 
 mod common;
+use common::hc_small as hc;
 use common::*;
 
 use hcattn::llama::{Context, ContextOptions};
 
-fn hc(opts: &str) -> ContextOptions {
-    ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, kv_backend: Some("hc".into()), kv_backend_opts: Some(opts.into()), ..Default::default() }
-}
 
 #[test]
 fn values_in_a_file_give_the_same_logits_and_leave_nothing_behind() {

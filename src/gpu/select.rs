@@ -206,21 +206,8 @@ impl Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::select::tests::{rng, softmax};
     use crate::select::{top_k_sorted, top_p_sorted};
-
-    fn rng(seed: &mut u64) -> f32 {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        (*seed >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    fn softmax(z: &[f32]) -> Vec<f32> {
-        let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f32> = z.iter().map(|x| (x - m).exp()).collect();
-        let s: f32 = e.iter().sum();
-        e.iter().map(|x| x / s).collect()
-    }
 
     fn selected(p: &[f32], rule: Rule) -> Vec<u32> {
         let c = cut(p, rule);

@@ -153,3 +153,8 @@ pub fn margin(l: &[f32]) -> f32 {
     }
     a - b
 }
+
+/// A 256-cell context with the hc backend and `opts`, prompts in 32-token ubatches.
+pub fn hc_small(opts: &str) -> ContextOptions {
+    ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, kv_backend: Some("hc".into()), kv_backend_opts: Some(opts.into()), ..Default::default() }
+}
