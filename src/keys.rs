@@ -13,18 +13,19 @@ use std::sync::Arc;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use crate::attention::dot;
-use crate::codebook::{Codebook, KMeans};
+use crate::codebook::{Codebook, KMeans, ScalarCuts, ScalarFit};
 use crate::error::{filled, Error, Result};
 use crate::options::{code_bits, KeyCodec, Scope};
 use crate::scan;
 
 const NONE: u32 = u32::MAX;
 
-/// Online books of at most this many centroids (4-bit codes) are fitted with
-/// SMALL_BOOK_BATCHES mini-batches. (For cpu25's 256-centroid books, 20 batches changed the
-/// 8192-token figures from KLD 0.0098 / top-1 95.3% to 0.0091 / 94.1%; they keep 200.)
+/// Online books of sub-vectors (2 dims or more; 1-dim books get an exact fit, see
+/// [`ScalarFit`]) of at most this many centroids are fitted with SMALL_BOOK_BATCHES
+/// mini-batches instead of the paper's 200.
 const SMALL_BOOK: usize = 16;
 const SMALL_BOOK_BATCHES: usize = 20;
 
@@ -329,23 +330,36 @@ impl KeyStore {
                 }
                 let (dim, dk) = (*dim, self.dk);
                 let groups = scope.books_per_layer(dk, dim);
-                // sub-vectors of every head, pooled per group (or all together)
-                let mut data = vec![Vec::with_capacity(exact.len() * self.n_head_kv * dk / groups); groups];
-                for &c in &exact {
-                    for (i, x) in self.slab.row_mut(c).chunks_exact(dim).enumerate() {
-                        let gi = if groups == 1 { 0 } else { (i * dim % dk) / dim };
-                        data[gi].extend(x.iter().map(|v| v.to_f32()));
-                    }
-                }
                 let t0 = std::time::Instant::now();
-                // the paper's 200 mini-batches are for its 8192-centroid books; 16-centroid ones
-                // settle in far fewer, and the fit stalls the first generation step (at 8192
-                // prompt tokens, 200 batches took 2.9 s per layer for cpu12.5's 64 books, 20
-                // take 0.33 s)
-                let max_iter = if *centroids <= SMALL_BOOK { SMALL_BOOK_BATCHES } else { KMeans::new(*centroids, dim).max_iter };
-                for d in &data {
-                    let km = KMeans { seed: self.seed, max_iter, ..KMeans::new(*centroids, dim) };
-                    books.push(Arc::new(km.fit(d, &mut |_, _| {}).map_err(|e| Error::Config(format!("fitting the key codebook: {e}")))?));
+                let fit_err = |e| Error::Config(format!("fitting the key codebook: {e}"));
+                if dim == 1 {
+                    // scalars: exact Lloyd on the sorted f16 values, all groups in one pass over the rows
+                    let mut fits: Vec<ScalarFit> = (0..groups).map(|_| ScalarFit::new()).collect();
+                    for &c in &exact {
+                        for (i, &v) in self.slab.row_mut(c).iter().enumerate() {
+                            fits[if groups == 1 { 0 } else { i % dk }].add(v);
+                        }
+                    }
+                    let fitted: Vec<_> = fits.par_iter_mut().map(|f| f.fit(*centroids, self.seed)).collect();
+                    for b in fitted {
+                        books.push(Arc::new(b.map_err(fit_err)?));
+                    }
+                } else {
+                    // sub-vectors of every head, pooled per group (or all together)
+                    let mut data = vec![Vec::with_capacity(exact.len() * self.n_head_kv * dk / groups); groups];
+                    for &c in &exact {
+                        for (i, x) in self.slab.row_mut(c).chunks_exact(dim).enumerate() {
+                            let gi = if groups == 1 { 0 } else { (i * dim % dk) / dim };
+                            data[gi].extend(x.iter().map(|v| v.to_f32()));
+                        }
+                    }
+                    // the paper's 200 mini-batches are for its 8192-centroid books; 16-centroid
+                    // ones settle in far fewer, and the fit stalls the first generation step
+                    let max_iter = if *centroids <= SMALL_BOOK { SMALL_BOOK_BATCHES } else { KMeans::new(*centroids, dim).max_iter };
+                    for d in &data {
+                        let km = KMeans { seed: self.seed, max_iter, ..KMeans::new(*centroids, dim) };
+                        books.push(Arc::new(km.fit(d, &mut |_, _| {}).map_err(fit_err)?));
+                    }
                 }
                 note = Some(format!(
                     "fitted {} online codebook{} ({} centroids of {} dims) on {} keys in {:.2} s",
@@ -362,16 +376,38 @@ impl KeyStore {
             return Ok(note);
         }
         let mut buf = vec![0f32; self.n_head_kv * self.dk];
+        // a prompt's worth of scalars to encode: compare with midpoints, not every centroid
+        // (not worth building for the token or two of a generation step)
+        let cuts = match &self.coded {
+            Coded::Pq { dim: 1, books, .. } if exact.len() > 64 => books.iter().map(|b| ScalarCuts::new(b)).collect::<Option<Vec<_>>>(),
+            _ => None,
+        };
         for c in exact {
             if keep_exact(c) {
                 continue;
             }
             self.slab.row_mut(c).convert_to_f32_slice(&mut buf);
-            self.encode(c, &buf);
+            match &cuts {
+                Some(cuts) => self.encode_scalars(c, &buf, cuts),
+                None => self.encode(c, &buf),
+            }
             self.slab.release(c);
         }
         self.slab.compact();
         Ok(note)
+    }
+
+    /// `encode` for 1-dim books, through their midpoints.
+    fn encode_scalars(&mut self, cell: usize, keys: &[f32], cuts: &[ScalarCuts]) {
+        if let Some(f) = &mut self.fresh {
+            f.push(cell as u32);
+        }
+        if let Coded::Pq { codes, .. } = &mut self.coded {
+            let per_head = self.dk;
+            for (i, &x) in keys.iter().enumerate() {
+                codes.set(cell, i, cuts[if cuts.len() == 1 { 0 } else { i % per_head }].code(x));
+            }
+        }
     }
 
     fn encode(&mut self, cell: usize, keys: &[f32]) {

@@ -1,32 +1,59 @@
-//! Exact mode (keys=f16, tau=1) equals stock llama.cpp on the generated llama, qwen3 (MQA) and
-//! gemma3 (iSWA, window 32) models: identical greedy tokens for 64 steps after a prompt that
-//! spans several ubatches, and logits within a float tolerance at every step.
+//! Exact mode (keys=f16, tau=1) against stock llama.cpp on the generated llama, qwen3 (MQA) and
+//! gemma3 (iSWA, window 32) models. After a prompt that spans several ubatches, stock's 64
+//! greedy tokens are fed to hc and to stock's other attention path (flash attention off):
+//! - hc computes what that path computes, to float rounding;
+//! - hc is no further from stock's default (flash) path than that path is;
+//! - hc picks stock's token at every step that is not a near-tie.
 
 mod common;
 use common::*;
 
-use hcattn::llama::{Context, ContextOptions};
+use hcattn::llama::{Context, ContextOptions, Model};
 
-/// Stock keeps K/V in f16 too but accumulates its flash-attention value sum in f16, hc in f32;
-/// measured worst NMSE of the logits: 1.1e-6 (llama), 7e-7 (qwen3), 8e-8 (gemma3).
-const NMSE_MAX: f64 = 1e-5;
+/// hc against stock with flash attention off: both sum the values in f32 after an f32 softmax.
+/// Measured worst over seeds 1 to 8 and 42 and the unseeded draw below: 6.3e-10 (gemma3, seed 7).
+const NMSE_SAME_PATH: f64 = 1e-8;
+
+/// Stock's flash path accumulates the value sum in f16, so hc and stock's non-flash path both
+/// differ from it: by up to 1.2e-5 on these models (qwen3, seed 2), and within 1% of each other.
+const FLASH_SLACK: f64 = 1.5;
+
+/// Below this top-2 margin, stock's own greedy choice is a coin toss. On one random llama (an
+/// unseeded draw, 2026-11-29) its two best logits after a 150-token prompt were 0.2779954 and
+/// 0.2779981 with the prompt in one ubatch, 0.2779997 and 0.2779539 in 32-token ubatches: stock
+/// itself picked the other token, and free-running greedy text parted from there on.
+const TIE: f32 = 1e-3;
+
+/// Runs the three (teacher-forced on stock's greedy tokens, so that a near-tie cannot send them
+/// down different texts) and asserts the module's three claims.
+fn agrees(name: &str, model: &Model, base: &ContextOptions, prompt: &[i32], steps: usize) {
+    let (t_stock, l_stock) = greedy(&mut Context::new(model, base).unwrap(), prompt, steps);
+    let other = ContextOptions { flash_attn: Some(false), ..base.clone() };
+    let l_other = forced(&mut Context::new(model, &other).unwrap(), prompt, &t_stock);
+    let l_hc = forced(&mut Context::new(model, &with_hc(base)).unwrap(), prompt, &t_stock);
+    let worst = |l: &[Vec<f32>], r: &[Vec<f32>]| l.iter().zip(r).map(|(a, b)| nmse(b, a)).fold(0.0, f64::max);
+    let same_path = worst(&l_other, &l_hc);
+    let (hc, stock_other) = (worst(&l_stock, &l_hc), worst(&l_stock, &l_other));
+    eprintln!("{name}: NMSE hc vs stock without flash attention {same_path:.2e}; vs stock {hc:.2e} (stock's two paths: {stock_other:.2e})");
+    assert!(same_path < NMSE_SAME_PATH, "{name}: hc parts from stock's non-flash path: NMSE {same_path:e}");
+    assert!(hc <= FLASH_SLACK * stock_other + 1e-9, "{name}: hc's NMSE against stock {hc:e}, stock's other path {stock_other:e}");
+    let mut ties = 0;
+    for (i, (a, b)) in l_stock.iter().zip(&l_hc).enumerate().take(steps) {
+        if margin(a) < TIE {
+            ties += 1;
+        } else {
+            assert_eq!(Context::argmax(b), t_stock[i], "{name}: step {i}: hc's greedy token differs from stock's (margin {})", margin(a));
+        }
+    }
+    assert!(ties * 4 < steps, "{name}: {ties} of {steps} steps are near-ties; the check would be vacuous");
+}
 
 fn check(arch: &str) {
     register();
     let model = load(&generated(arch));
     let prompt = tokens(150, model.n_vocab(), 7);
     let base = ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, ..Default::default() };
-    let mut stock = Context::new(&model, &base).unwrap();
-    let mut hc = Context::new(&model, &with_hc(&base)).unwrap();
-    let (t_stock, l_stock) = greedy(&mut stock, &prompt, 64);
-    let (t_hc, l_hc) = greedy(&mut hc, &prompt, 64);
-    let mut worst = 0.0f64;
-    for (a, b) in l_stock.iter().zip(&l_hc) {
-        worst = worst.max(nmse(a, b));
-    }
-    eprintln!("{arch}: worst logits NMSE {worst:.3e} over {} steps", l_stock.len());
-    assert_eq!(t_stock, t_hc, "{arch}: greedy tokens differ");
-    assert!(worst < NMSE_MAX, "{arch}: logits NMSE {worst:e} above {NMSE_MAX:e}");
+    agrees(arch, &model, &base, &prompt, 64);
 }
 
 #[test]
@@ -45,7 +72,7 @@ fn gemma3_iswa_equals_stock() {
 }
 
 /// Every model test-llama-archs wrote (MoE, llama4, qwen3.5, qwen3-next, qwen3-vl, ...): hc
-/// either gives stock's greedy tokens or refuses the architecture at context creation with a
+/// either agrees with stock as above or refuses the architecture at context creation with a
 /// message; it never crashes.
 #[test]
 fn every_generated_architecture_matches_or_is_refused() {
@@ -58,16 +85,12 @@ fn every_generated_architecture_matches_or_is_refused() {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         let model = load(f);
         let base = ContextOptions { n_ctx: 256, n_batch: 256, n_ubatch: 32, ..Default::default() };
-        let Ok(mut stock) = Context::new(&model, &base) else { continue };
-        let hc = Context::new(&model, &with_hc(&base));
-        match hc {
-            Ok(mut hc) => {
-                let prompt = tokens(80, model.n_vocab(), 3);
-                let (a, la) = greedy(&mut stock, &prompt, 16);
-                let (b, lb) = greedy(&mut hc, &prompt, 16);
-                let worst = la.iter().zip(&lb).map(|(x, y)| nmse(x, y)).fold(0.0, f64::max);
-                assert_eq!(a, b, "{name}: greedy tokens differ");
-                assert!(worst < NMSE_MAX, "{name}: NMSE {worst:e}");
+        if Context::new(&model, &base).is_err() {
+            continue;
+        }
+        match Context::new(&model, &with_hc(&base)) {
+            Ok(_) => {
+                agrees(&name, &model, &base, &tokens(80, model.n_vocab(), 3), 16);
                 served.push(name);
             }
             Err(e) => {

@@ -15,15 +15,22 @@ pub fn bin_dir() -> PathBuf {
 
 /// The random llama, qwen3 (one KV head) and gemma3 (iSWA) models written by llama.cpp's
 /// test-llama-archs, generated once per build folder.
-/// Seed of the generated test models.
-const MODEL_SEED: u64 = 42;
+/// Seed of the generated test models: 42, or `HCATTN_TEST_MODEL_SEED` to run the tests on
+/// another random draw.
+fn model_seed() -> u64 {
+    match std::env::var("HCATTN_TEST_MODEL_SEED") {
+        Ok(s) => s.parse().expect("HCATTN_TEST_MODEL_SEED must be an unsigned integer"),
+        Err(_) => 42,
+    }
+}
 
 pub fn generated_models() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // a fixed seed: test-llama-archs draws one from random_device otherwise, and exact mode
-        // does not match stock on every random model (see the README's limits)
-        let dir = bin_dir().join(format!("test-models-s{MODEL_SEED}"));
+        // a fixed seed: test-llama-archs draws one from random_device otherwise, and a test
+        // that fails should fail again on the same models
+        let seed = model_seed();
+        let dir = bin_dir().join(format!("test-models-s{seed}"));
         let want = ["llama-dense.gguf", "qwen3-dense.gguf", "gemma3-dense.gguf", "qwen3next-moe.gguf", "qwen3vl-dense.gguf"];
         if want.iter().all(|f| dir.join(f).is_file()) {
             return dir;
@@ -34,7 +41,7 @@ pub fn generated_models() -> PathBuf {
         let out = Command::new(bin_dir().join("test-llama-archs"))
             .arg("-o")
             .arg(&tmp)
-            .args(["-a", "llama|qwen3|gemma3|qwen3next|qwen3vl", "-s", &MODEL_SEED.to_string()])
+            .args(["-a", "llama|qwen3|gemma3|qwen3next|qwen3vl", "-s", &seed.to_string()])
             .output()
             .expect("run test-llama-archs");
         assert!(out.status.success(), "test-llama-archs failed: {}", String::from_utf8_lossy(&out.stderr));
