@@ -725,8 +725,35 @@ const SCALAR_LLOYD_ITERS: usize = 100;
 pub struct ScalarFit {
     /// order keys (see `order_key`) of the values added
     keys: Vec<u16>,
+    /// the radix sort's other buffer
+    scratch: Vec<u16>,
     /// first non-finite value added
     bad: Option<(usize, f32)>,
+}
+
+/// Sorts 16-bit keys in two counting passes, low byte then high byte. (With a comparison sort,
+/// 64 books of 12,288 keys took 14.4 ms to fit; with this, 10.9 ms: `scalar_fit_timing`.)
+fn radix_sort(keys: &mut Vec<u16>, scratch: &mut Vec<u16>) {
+    let mut counts = [[0usize; 256]; 2];
+    for &k in keys.iter() {
+        counts[0][(k & 0xff) as usize] += 1;
+        counts[1][(k >> 8) as usize] += 1;
+    }
+    scratch.clear();
+    scratch.resize(keys.len(), 0);
+    for (pass, count) in counts.iter_mut().enumerate() {
+        let mut at = 0;
+        for c in count.iter_mut() {
+            (*c, at) = (at, at + *c);
+        }
+        let shift = 8 * pass;
+        for &k in keys.iter() {
+            let b = ((k >> shift) & 0xff) as usize;
+            scratch[count[b]] = k;
+            count[b] += 1;
+        }
+        std::mem::swap(keys, scratch);
+    }
 }
 
 /// f16 bits mapped so that key order is numeric order (-0 just below +0).
@@ -765,7 +792,7 @@ impl ScalarFit {
     pub fn fit(&mut self, k: usize, seed: u64) -> Result<Codebook, CodebookError> {
         let bad = self.bad.take();
         let total = self.keys.len();
-        self.keys.sort_unstable();
+        radix_sort(&mut self.keys, &mut self.scratch);
         let mut rng = Rng(seed);
         let sample_len = total.min((INIT_SAMPLE_PER_CENTROID * k).min(MAX_INIT_SAMPLE).max(k));
         let sample: Vec<f32> = if total == 0 || bad.is_some() || k == 0 {
@@ -940,6 +967,18 @@ mod tests {
         let cb = h.fit(4, 0).unwrap();
         assert_eq!(cb.centroids(), &[1.0, 2.0, 1.0, 2.0], "distinct values, then repeated");
         assert_eq!(cb.nearest(&[2.0]), 1, "ties go to the first copy");
+    }
+
+    #[test]
+    fn radix_sort_sorts() {
+        let mut rng = Rng(4);
+        for n in [0, 1, 2, 255, 256, 1000, 70_000] {
+            let mut v: Vec<u16> = (0..n).map(|i| if i % 3 == 0 { (rng.next_u64() & 0xff) as u16 } else { rng.next_u64() as u16 }).collect();
+            let mut want = v.clone();
+            want.sort_unstable();
+            radix_sort(&mut v, &mut Vec::new());
+            assert_eq!(v, want, "n = {n}");
+        }
     }
 
     #[test]
@@ -1237,6 +1276,23 @@ mod tests {
         let idx = sample_indices(&mut Rng(0), 1000, 100);
         assert_eq!(idx.len(), 100);
         assert!(idx.windows(2).all(|w| w[0] < w[1]) && idx[99] < 1000);
+    }
+
+    /// Timing of one layer's scalar fits as cpu12.5 has them at 4096 prompt tokens (64 books
+    /// of 3 * 4096 values); run with `--ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn scalar_fit_timing() {
+        let data = scalar_mixture(&mut Rng(2), 64 * 3 * 4096);
+        let mut fits: Vec<ScalarFit> = (0..64).map(|_| ScalarFit::new()).collect();
+        let t0 = std::time::Instant::now();
+        for (i, &v) in data.iter().enumerate() {
+            fits[i % 64].add(v);
+        }
+        let t1 = std::time::Instant::now();
+        let books: Vec<_> = fits.iter_mut().map(|f| f.fit(16, 0).unwrap()).collect();
+        eprintln!("collect {:.1} ms, fit {:.1} ms (one thread)", (t1 - t0).as_secs_f64() * 1e3, t1.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(books.len(), 64);
     }
 
     /// Timing of realistic fits; run with `--ignored --nocapture`.
