@@ -387,30 +387,16 @@ impl KeyStore {
                 continue;
             }
             self.slab.row_mut(c).convert_to_f32_slice(&mut buf);
-            match &cuts {
-                Some(cuts) => self.encode_scalars(c, &buf, cuts),
-                None => self.encode(c, &buf),
-            }
+            self.encode(c, &buf, cuts.as_deref());
             self.slab.release(c);
         }
         self.slab.compact();
         Ok(note)
     }
 
-    /// `encode` for 1-dim books, through their midpoints.
-    fn encode_scalars(&mut self, cell: usize, keys: &[f32], cuts: &[ScalarCuts]) {
-        if let Some(f) = &mut self.fresh {
-            f.push(cell as u32);
-        }
-        if let Coded::Pq { codes, .. } = &mut self.coded {
-            let per_head = self.dk;
-            for (i, &x) in keys.iter().enumerate() {
-                codes.set(cell, i, cuts[if cuts.len() == 1 { 0 } else { i % per_head }].code(x));
-            }
-        }
-    }
-
-    fn encode(&mut self, cell: usize, keys: &[f32]) {
+    /// Codes of one cell's keys; `cuts`, for 1-dim books, finds them through the books'
+    /// midpoints (see [`ScalarCuts`]).
+    fn encode(&mut self, cell: usize, keys: &[f32], cuts: Option<&[ScalarCuts]>) {
         let row = self.n_head_kv * self.dk;
         if let Some(f) = &mut self.fresh {
             f.push(cell as u32);
@@ -419,8 +405,13 @@ impl KeyStore {
             Coded::None => {}
             Coded::Pq { dim, books, codes, .. } => {
                 let per_head = self.dk / *dim;
+                let book = |i: usize| if books.len() == 1 { 0 } else { i % per_head };
                 for (i, x) in keys.chunks_exact(*dim).enumerate() {
-                    codes.set(cell, i, books[if books.len() == 1 { 0 } else { i % per_head }].nearest(x));
+                    let code = match cuts {
+                        Some(cuts) => cuts[book(i)].code(x[0]),
+                        None => books[book(i)].nearest(x),
+                    };
+                    codes.set(cell, i, code);
                 }
             }
             Coded::Int { bits, group, codes, scale, zero } => {

@@ -33,7 +33,6 @@ fn kernels_compile_to_ptx() {
     }
 }
 
-
 #[test]
 fn device_cuda_without_a_gpu_gives_the_cpu_tiers_results() {
     register();

@@ -7,7 +7,6 @@ use common::*;
 
 use hcattn::llama::{Context, ContextOptions};
 
-
 #[test]
 fn values_in_a_file_give_the_same_logits_and_leave_nothing_behind() {
     register();

@@ -13,8 +13,6 @@ pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_hcattn")).parent().unwrap().to_path_buf()
 }
 
-/// The random llama, qwen3 (one KV head) and gemma3 (iSWA) models written by llama.cpp's
-/// test-llama-archs, generated once per build folder.
 /// Seed of the generated test models: 42, or `HCATTN_TEST_MODEL_SEED` to run the tests on
 /// another random draw.
 fn model_seed() -> u64 {
@@ -24,6 +22,8 @@ fn model_seed() -> u64 {
     }
 }
 
+/// The random llama, qwen3 (one KV head) and gemma3 (iSWA) models written by llama.cpp's
+/// test-llama-archs, generated once per build folder and seed.
 pub fn generated_models() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
