@@ -1,14 +1,16 @@
 //! Micro-benchmarks of the decode kernels, at the sizes of one SmolLM2-135M layer (3 KV heads
 //! of 64 dims, 3 query heads per KV head) and 8192 visible tokens:
-//! `cargo bench --bench kernels` (criterion; `-- --quick` for a short run).
+//! `cargo bench --bench kernels` (criterion; `-- --quick` for a short run). Kernels with SIMD
+//! versions run at each instruction-set level; a level the CPU lacks is skipped.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
-use hcattn::approx::{softmax, weighted_sum, weighted_sum_portable};
+use hcattn::approx::{softmax, softmax_with, weighted_sum_with};
 use hcattn::codebook::KMeans;
 use hcattn::scan;
-use hcattn::select::TopP;
+use hcattn::select::{Histogram, TopP};
+use hcattn::simd::Level;
 
 const N: usize = 8192;
 const DK: usize = 64;
@@ -32,6 +34,11 @@ fn probabilities(r: &mut Rng) -> Vec<f32> {
     l
 }
 
+/// The levels this CPU runs.
+fn levels() -> impl Iterator<Item = Level> {
+    Level::ALL.into_iter().filter(|l| l.usable() == *l)
+}
+
 fn kernels(c: &mut Criterion) {
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
 
@@ -42,22 +49,16 @@ fn kernels(c: &mut Criterion) {
     let mut sums = vec![0u16; G * scan::BLOCK];
     let mut grp = c.benchmark_group("scan");
     grp.throughput(Throughput::Elements((N * G) as u64));
-    grp.bench_function("4bit_simd", |b| {
-        b.iter(|| {
-            for blk in codes.chunks_exact(gs * 16) {
-                scan::sums(black_box(blk), &tabs, G, gs, &mut sums);
-            }
-            black_box(&sums);
-        })
-    });
-    grp.bench_function("4bit_portable", |b| {
-        b.iter(|| {
-            for blk in codes.chunks_exact(gs * 16) {
-                scan::sums_portable(black_box(blk), &tabs, G, gs, &mut sums);
-            }
-            black_box(&sums);
-        })
-    });
+    for level in levels() {
+        grp.bench_function(format!("4bit_{}", level.name()), |b| {
+            b.iter(|| {
+                for blk in codes.chunks_exact(gs * 16) {
+                    scan::sums_with(level, black_box(blk), &tabs, G, gs, &mut sums);
+                }
+                black_box(&sums);
+            })
+        });
+    }
     grp.finish();
 
     // softmax and selection of one head
@@ -66,11 +67,20 @@ fn kernels(c: &mut Criterion) {
     let mut sel = Vec::new();
     let mut grp = c.benchmark_group("select");
     grp.throughput(Throughput::Elements(N as u64));
-    grp.bench_function("softmax", |b| {
-        let mut l: Vec<f32> = (0..N).map(|_| r.next() * 8.0).collect();
-        b.iter(|| softmax(black_box(&mut l), None))
-    });
-    grp.bench_function("top_p_0.9", |b| b.iter(|| top.select(black_box(&p), 0.9, &mut sel)));
+    for level in levels() {
+        grp.bench_function(format!("softmax_{}", level.name()), |b| {
+            let mut l: Vec<f32> = (0..N).map(|_| r.next() * 8.0).collect();
+            b.iter(|| softmax_with(level, black_box(&mut l), None))
+        });
+    }
+    for level in levels() {
+        let mut top = TopP::at(level);
+        grp.bench_function(format!("top_p_0.9_{}", level.name()), |b| b.iter(|| top.select(black_box(&p), 0.9, &mut sel)));
+    }
+    // its two halves: the histogram, then the search and collection
+    let mut hist = Histogram::default();
+    grp.bench_function("histogram", |b| b.iter(|| hist.build(black_box(&p))));
+    grp.bench_function("top_p_0.9_given_histogram", |b| b.iter(|| top.select_with(black_box(&p), &hist, 0.9, &mut sel)));
     grp.bench_function("top_k_15pct", |b| b.iter(|| top.top_k(black_box(&p), N * 15 / 100, &mut sel)));
     grp.bench_function("top_p_sorted_reference", |b| b.iter(|| hcattn::select::top_p_sorted(black_box(&p), 0.9)));
     grp.finish();
@@ -82,10 +92,11 @@ fn kernels(c: &mut Criterion) {
     let mut out = vec![0f32; DK];
     let mut grp = c.benchmark_group("values");
     grp.throughput(Throughput::Elements(sel.len() as u64));
-    grp.bench_function("sum_simd", |b| b.iter(|| weighted_sum(&p, black_box(&sel), 1.0, &cells, |c| &rows[c as usize], &mut out)));
-    grp.bench_function("sum_portable", |b| {
-        b.iter(|| weighted_sum_portable(&p, black_box(&sel), 1.0, &cells, |c| &rows[c as usize], &mut out))
-    });
+    for level in levels() {
+        grp.bench_function(format!("sum_{}", level.name()), |b| {
+            b.iter(|| weighted_sum_with(level, &p, black_box(&sel), 1.0, &cells, |c| &rows[c as usize], &mut out))
+        });
+    }
     grp.finish();
 
     // encoding new keys: nearest of 16 centroids per dimension

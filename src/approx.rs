@@ -13,6 +13,7 @@ use half::f16;
 use crate::attention::{exp, Scale};
 use crate::keys::{KeyStore, Prep};
 use crate::select::{layer_k, Histogram, TopP};
+use crate::simd::Level;
 
 /// Settings of the approximate path.
 #[derive(Debug, Clone, Copy)]
@@ -74,29 +75,45 @@ pub unsafe fn logits<'a>(
 }
 
 /// Softmax in place; `sink` is one more logit that takes mass but has no value.
+#[inline]
 pub fn softmax(l: &mut [f32], sink: Option<f32>) {
+    softmax_with(crate::simd::level(), l, sink)
+}
+
+/// [`softmax`] at a chosen instruction-set level (lowered to what the CPU has).
+pub fn softmax_with(level: Level, l: &mut [f32], sink: Option<f32>) {
     #[cfg(target_arch = "x86_64")]
-    if crate::attention::avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { softmax_avx2(l, sink) };
+    match level.usable() {
+        // SAFETY: `usable` checked that the CPU has the level's features.
+        Level::Avx512 => return unsafe { softmax_avx512(l, sink) },
+        Level::Avx2 => return unsafe { softmax_avx2(l, sink) },
+        Level::Portable => {}
     }
-    softmax_portable(l, sink)
+    let _ = level;
+    softmax_lanes::<8>(l, sink)
 }
 
 /// The same code compiled for AVX2 and FMA: its loops (the exp's rounding included) vectorise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(l: &mut [f32], sink: Option<f32>) {
-    softmax_portable(l, sink)
+    softmax_lanes::<8>(l, sink)
 }
 
-/// Eight partial maxima and sums, so that the reductions vectorise without -ffast-math.
+/// The same code, 16 lanes wide, for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn softmax_avx512(l: &mut [f32], sink: Option<f32>) {
+    softmax_lanes::<16>(l, sink)
+}
+
+/// `W` partial maxima and sums, so that the reductions vectorise without -ffast-math.
 #[inline(always)]
-fn softmax_portable(l: &mut [f32], sink: Option<f32>) {
-    let mut mx = [f32::NEG_INFINITY; 8];
-    let mut chunks = l.chunks_exact(8);
+fn softmax_lanes<const W: usize>(l: &mut [f32], sink: Option<f32>) {
+    let mut mx = [f32::NEG_INFINITY; W];
+    let mut chunks = l.chunks_exact(W);
     for c in &mut chunks {
-        for k in 0..8 {
+        for k in 0..W {
             mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
         }
     }
@@ -110,10 +127,10 @@ fn softmax_portable(l: &mut [f32], sink: Option<f32>) {
         l.iter_mut().for_each(|x| *x = 0.0);
         return;
     }
-    let mut acc = [0.0f32; 8];
-    let mut chunks = l.chunks_exact_mut(8);
+    let mut acc = [0.0f32; W];
+    let mut chunks = l.chunks_exact_mut(W);
     for c in &mut chunks {
-        for k in 0..8 {
+        for k in 0..W {
             c[k] = exp(c[k] - m);
             acc[k] += c[k];
         }
@@ -132,12 +149,35 @@ fn softmax_portable(l: &mut [f32], sink: Option<f32>) {
 }
 
 /// `out = w * sum over j in sel of p[j] * val(cells[j])` (dv values, f16 rows).
+#[inline]
 pub fn weighted_sum<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32]) {
+    weighted_sum_with(crate::simd::level(), p, sel, w, cells, val, out)
+}
+
+/// [`weighted_sum`] at a chosen instruction-set level (lowered to what the CPU and dv allow).
+pub fn weighted_sum_with<'a>(
+    level: Level,
+    p: &[f32],
+    sel: &[u32],
+    w: f32,
+    cells: &[(i32, u32)],
+    val: impl Fn(u32) -> &'a [f16],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if out.len() % 8 == 0 && out.len() <= 256 && crate::attention::avx2_fma() && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: AVX2, FMA and F16C are present (checked just above).
-        return unsafe { weighted_sum_avx2(p, sel, w, cells, val, out) };
+    {
+        let level = level.usable();
+        let dv = out.len();
+        if level >= Level::Avx512 && dv.is_multiple_of(16) && dv <= 256 {
+            // SAFETY: AVX-512 F is present (`usable` checked it); dv fits the accumulators.
+            return unsafe { weighted_sum_avx512(p, sel, w, cells, val, out) };
+        }
+        if level >= Level::Avx2 && dv.is_multiple_of(8) && dv <= 256 {
+            // SAFETY: AVX2, FMA and F16C are present (`usable` checked them).
+            return unsafe { weighted_sum_avx2(p, sel, w, cells, val, out) };
+        }
     }
+    let _ = level;
     weighted_sum_portable(p, sel, w, cells, val, out)
 }
 
@@ -164,7 +204,7 @@ unsafe fn weighted_sum_avx2<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u
     for &j in sel {
         let pj = _mm256_set1_ps(p[j as usize] * w);
         let row = val(cells[j as usize].1);
-        debug_assert!(row.len() >= dv);
+        assert!(row.len() >= dv);
         let src = row.as_ptr() as *const __m128i;
         for (l, a) in acc.iter_mut().enumerate().take(lanes) {
             let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(l)));
@@ -173,6 +213,30 @@ unsafe fn weighted_sum_avx2<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u
     }
     for (l, a) in acc.iter().enumerate().take(lanes) {
         _mm256_storeu_ps(out.as_mut_ptr().add(l * 8), *a);
+    }
+}
+
+/// 16 values a step: a 64-value row is four conversions and four FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn weighted_sum_avx512<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let dv = out.len();
+    let lanes = dv / 16;
+    // up to 16 accumulators of 16 (dv <= 256, checked by the caller)
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for &j in sel {
+        let pj = _mm512_set1_ps(p[j as usize] * w);
+        let row = val(cells[j as usize].1);
+        assert!(row.len() >= dv);
+        let src = row.as_ptr() as *const __m256i;
+        for (l, a) in acc.iter_mut().enumerate().take(lanes) {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(l)));
+            *a = _mm512_fmadd_ps(pj, v, *a);
+        }
+    }
+    for (l, a) in acc.iter().enumerate().take(lanes) {
+        _mm512_storeu_ps(out.as_mut_ptr().add(l * 16), *a);
     }
 }
 
@@ -266,17 +330,45 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for dv in [8, 64, 128, 256, 24] {
+        for dv in [8, 16, 64, 128, 256, 24, 48] {
             let n = 50;
             let rows: Vec<Vec<f16>> = (0..n).map(|_| (0..dv).map(|_| f16::from_f32(r() * 4.0)).collect()).collect();
             let p: Vec<f32> = (0..n).map(|_| r().abs()).collect();
             let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, (c * 7) % n as u32)).collect();
             let sel: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
-            let (mut a, mut b) = (vec![0f32; dv], vec![9f32; dv]);
+            let mut a = vec![0f32; dv];
             weighted_sum_portable(&p, &sel, 1.5, &cells, |c| &rows[c as usize], &mut a);
-            weighted_sum(&p, &sel, 1.5, &cells, |c| &rows[c as usize], &mut b);
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "dv {dv}: {x} vs {y}");
+            for level in Level::ALL {
+                let mut b = vec![9f32; dv];
+                weighted_sum_with(level, &p, &sel, 1.5, &cells, |c| &rows[c as usize], &mut b);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "dv {dv} at {:?}: {x} vs {y}", level.usable());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_is_the_same_at_every_level() {
+        let mut seed = 11u64;
+        for n in [1usize, 7, 16, 33, 1000, 8195] {
+            for sink in [None, Some(3.0f32)] {
+                let l: Vec<f32> = (0..n)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 20.0 - 10.0
+                    })
+                    .collect();
+                let mut want = l.clone();
+                softmax_with(Level::Portable, &mut want, sink);
+                for level in Level::ALL {
+                    let mut got = l.clone();
+                    softmax_with(level, &mut got, sink);
+                    for (x, y) in want.iter().zip(&got) {
+                        // the same exp per element; only the order of the sum's additions differs
+                        assert!((x - y).abs() <= 1e-6 * x.abs() + 1e-30, "n {n} at {:?}: {x} vs {y}", level.usable());
+                    }
+                }
             }
         }
     }

@@ -108,9 +108,7 @@ pub fn exact<'a>(
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static YES: OnceLock<bool> = OnceLock::new();
-    *YES.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+    crate::simd::level() >= crate::simd::Level::Avx2
 }
 
 /// The same code compiled for AVX2 and FMA, so that its loops vectorise 8 wide.

@@ -41,7 +41,7 @@ impl SpinBarrier {
             } else {
                 // more threads than cores: let the late ones run
                 std::thread::yield_now();
-                if spins % 1024 == 0 && start.elapsed() > GIVE_UP {
+                if spins.is_multiple_of(1024) && start.elapsed() > GIVE_UP {
                     return Err(Error::Request("an attention thread did not reach the step barrier".into()));
                 }
             }

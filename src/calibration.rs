@@ -200,7 +200,7 @@ impl CodebookFile {
             let n = match settings.scope {
                 Scope::Model => 1,
                 s => {
-                    if layers[i].dk % settings.pq_dim != 0 {
+                    if !layers[i].dk.is_multiple_of(settings.pq_dim) {
                         return Err(format!("pq_dim {} does not divide layer {il}'s head dimension {}", settings.pq_dim, layers[i].dk));
                     }
                     s.books_per_layer(layers[i].dk, settings.pq_dim)

@@ -128,7 +128,7 @@ impl Codebook {
         if centroids.is_empty() {
             return Err(CodebookError::Empty);
         }
-        if centroids.len() % dim != 0 {
+        if !centroids.len().is_multiple_of(dim) {
             return Err(CodebookError::NotMultiple { len: centroids.len(), dim });
         }
         let count = centroids.len() / dim;
@@ -412,7 +412,7 @@ impl KMeans {
         if !(self.tol.is_finite() && self.tol >= 0.0) {
             return Err(CodebookError::BadTol(self.tol));
         }
-        if data.len() % dim != 0 {
+        if !data.len().is_multiple_of(dim) {
             return Err(CodebookError::NotMultiple { len: data.len(), dim });
         }
         if data.is_empty() {

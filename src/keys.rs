@@ -244,13 +244,13 @@ impl KeyStore {
         let coded = match codec {
             KeyCodec::F16 => Coded::None,
             KeyCodec::Pq { dim, centroids, scope } => {
-                if dk % dim != 0 {
+                if !dk.is_multiple_of(dim) {
                     return Err(Error::Config(format!("pq_dim={dim} does not divide the head dimension {dk}")));
                 }
                 Coded::Pq { dim, centroids, scope, books: Vec::new(), codes: Codes::new(n_cells, row / dim, centroids)? }
             }
             KeyCodec::Int { bits, group } => {
-                if dk % group != 0 {
+                if !dk.is_multiple_of(group) {
                     return Err(Error::Config(format!("int_group={group} does not divide the head dimension {dk}")));
                 }
                 let per = if bits == 8 { row } else { row / 2 };
@@ -450,7 +450,7 @@ impl KeyStore {
                 for (i, o) in out.chunks_exact_mut(*dim).enumerate().take(g) {
                     let code = codes.get(cell, i);
                     match books.get(if books.len() == 1 { 0 } else { i % per_head }) {
-                        Some(b) => o.copy_from_slice(&b.centroids()[code as usize * dim..(code as usize + 1) * dim]),
+                        Some(b) => o.copy_from_slice(&b.centroids()[code * dim..(code + 1) * dim]),
                         None => o.iter_mut().for_each(|x| *x = 0.0),
                     }
                 }
@@ -607,7 +607,7 @@ impl KeyStore {
                                     codes[c * row + idx]
                                 } else {
                                     let b = codes[c * row / 2 + idx / 2];
-                                    if idx % 2 == 0 { b & 0x0f } else { b >> 4 }
+                                    if idx.is_multiple_of(2) { b & 0x0f } else { b >> 4 }
                                 };
                                 acc += qh[gi * *group + k] * qv as f32;
                             }
@@ -632,7 +632,7 @@ impl KeyStore {
             return false;
         };
         let c0 = cells[j].1 as usize;
-        if c0 % scan::BLOCK != 0 || j + scan::BLOCK > cells.len() {
+        if !c0.is_multiple_of(scan::BLOCK) || j + scan::BLOCK > cells.len() {
             return false;
         }
         let run = &cells[j..j + scan::BLOCK];

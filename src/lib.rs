@@ -27,6 +27,7 @@ pub mod options;
 pub mod rows;
 pub mod scan;
 pub mod select;
+pub mod simd;
 pub mod state;
 pub mod texts;
 pub mod tools;

@@ -11,6 +11,8 @@
 //! step = (largest table range) / 255. [`sums_portable`] is the reference the SIMD version is
 //! tested against; both give the same integers.
 
+use crate::simd::Level;
+
 /// Cells per code block.
 pub const BLOCK: usize = 32;
 
@@ -53,12 +55,26 @@ pub fn quantize_tables(t: &[f32], q: &mut [u8]) -> (f32, f32) {
 /// u8-table sums of the 32 cells of one block for `g` query heads: `codes` is the block's
 /// `16 * gs` bytes of one KV head, `tabs` the g heads' quantized tables (`gs * 16` each),
 /// `out[h * 32 + cell]`.
+#[inline]
 pub fn sums(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    sums_with(crate::simd::level(), codes, tabs, g, gs, out)
+}
+
+/// [`sums`] at a chosen instruction-set level (lowered to what the CPU and `gs` allow).
+pub fn sums_with(level: Level, codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if gs % 2 == 0 && std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above); the lengths are checked inside.
-        return unsafe { sums_avx2(codes, tabs, g, gs, out) };
+    {
+        let level = level.usable();
+        if level >= Level::Avx512 && gs.is_multiple_of(4) {
+            // SAFETY: AVX-512 F/BW is present (`usable` checked it); lengths are checked inside.
+            return unsafe { sums_avx512(codes, tabs, g, gs, out) };
+        }
+        if level >= Level::Avx2 && gs.is_multiple_of(2) {
+            // SAFETY: AVX2 is present (`usable` checked it); the lengths are checked inside.
+            return unsafe { sums_avx2(codes, tabs, g, gs, out) };
+        }
     }
+    let _ = level;
     sums_portable(codes, tabs, g, gs, out)
 }
 
@@ -83,7 +99,7 @@ pub fn sums_portable(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [
 #[target_feature(enable = "avx2")]
 unsafe fn sums_avx2(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
     use std::arch::x86_64::*;
-    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS && gs % 2 == 0);
+    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS && gs.is_multiple_of(2));
     let nib = _mm256_set1_epi8(0x0f);
     let low_byte = _mm256_set1_epi16(0x00ff);
     for h in 0..g {
@@ -113,6 +129,69 @@ unsafe fn sums_avx2(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u
     }
 }
 
+/// Four sub-vectors (one per 128-bit lane) per step, up to four query heads per pass over the
+/// codes so that their nibbles are split once. Each shuffle result is added whole as u16
+/// lanes (low byte plus 256 times the high byte, wrapping) and its high bytes on their own;
+/// the low bytes' sum is recovered at the end as whole minus 256 times high. That is exact
+/// because every true sum is below 2^16 (`gs * 255 <= 65535`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn sums_avx512(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS && gs.is_multiple_of(4));
+    let mut h = 0;
+    while h < g {
+        let t = tabs.as_ptr().add(h * gs * 16);
+        let o = out.as_mut_ptr().add(h * BLOCK);
+        match g - h {
+            1 => sums_avx512_heads::<1>(codes.as_ptr(), t, gs, o),
+            2 => sums_avx512_heads::<2>(codes.as_ptr(), t, gs, o),
+            3 => sums_avx512_heads::<3>(codes.as_ptr(), t, gs, o),
+            _ => sums_avx512_heads::<4>(codes.as_ptr(), t, gs, o),
+        }
+        h += 4;
+    }
+}
+
+/// `G` heads of [`sums_avx512`]: tables at `t` (`gs * 16` bytes a head), sums to `o`
+/// (`BLOCK` a head). The caller checked the lengths.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn sums_avx512_heads<const G: usize>(codes: *const u8, t: *const u8, gs: usize, o: *mut u16) {
+    use std::arch::x86_64::*;
+    let nib = _mm512_set1_epi8(0x0f);
+    // per head: whole and high-byte sums of the low nibbles' lookups, then of the high ones'
+    let mut acc = [[_mm512_setzero_si512(); 4]; G];
+    for quad in 0..gs / 4 {
+        let c = _mm512_loadu_si512(codes.add(quad * 64) as *const _);
+        let lo = _mm512_and_si512(c, nib);
+        let hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
+        for (h, a) in acc.iter_mut().enumerate() {
+            let tab = _mm512_loadu_si512(t.add(h * gs * 16 + quad * 64) as *const _);
+            let rl = _mm512_shuffle_epi8(tab, lo);
+            let rh = _mm512_shuffle_epi8(tab, hi);
+            a[0] = _mm512_add_epi16(a[0], rl);
+            a[1] = _mm512_add_epi16(a[1], _mm512_srli_epi16(rl, 8));
+            a[2] = _mm512_add_epi16(a[2], rh);
+            a[3] = _mm512_add_epi16(a[3], _mm512_srli_epi16(rh, 8));
+        }
+    }
+    let fold = |a: __m512i| {
+        let x = _mm256_add_epi16(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+        _mm_add_epi16(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1))
+    };
+    for (h, a) in acc.iter().enumerate() {
+        let (w0, s1, w2, s3) = (fold(a[0]), fold(a[1]), fold(a[2]), fold(a[3]));
+        let s0 = _mm_sub_epi16(w0, _mm_slli_epi16(s1, 8));
+        let s2 = _mm_sub_epi16(w2, _mm_slli_epi16(s3, 8));
+        let o = o.add(h * BLOCK) as *mut __m128i;
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(s0, s1));
+        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(s0, s1));
+        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(s2, s3));
+        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(s2, s3));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,20 +206,25 @@ mod tests {
     #[test]
     fn simd_sums_equal_the_portable_ones() {
         let mut seed = 0x1234_5678_9abc_def1u64;
-        for (g, gs) in [(1, 2), (3, 64), (4, 32), (2, 128), (1, 256)] {
+        for (g, gs) in [(1, 2), (3, 64), (4, 32), (2, 128), (1, 256), (5, 4), (7, 12), (8, 64), (2, 6)] {
             let codes: Vec<u8> = (0..16 * gs).map(|_| rng(&mut seed) as u8).collect();
             let tabs: Vec<u8> = (0..g * gs * 16).map(|_| rng(&mut seed) as u8).collect();
-            let (mut a, mut b) = (vec![0u16; g * BLOCK], vec![1u16; g * BLOCK]);
+            let mut a = vec![0u16; g * BLOCK];
             sums_portable(&codes, &tabs, g, gs, &mut a);
-            sums(&codes, &tabs, g, gs, &mut b);
-            assert_eq!(a, b, "g {g} gs {gs}");
+            for level in Level::ALL {
+                let mut b = vec![1u16; g * BLOCK];
+                sums_with(level, &codes, &tabs, g, gs, &mut b);
+                assert_eq!(a, b, "g {g} gs {gs} at {:?}", level.usable());
+            }
         }
         // the largest sums do not overflow
         let gs = MAX_SUBVECTORS;
         let (codes, tabs) = (vec![0xffu8; 16 * gs], vec![255u8; gs * 16]);
-        let mut out = vec![0u16; BLOCK];
-        sums(&codes, &tabs, 1, gs, &mut out);
-        assert!(out.iter().all(|&s| s as usize == 255 * gs));
+        for level in Level::ALL {
+            let mut out = vec![0u16; BLOCK];
+            sums_with(level, &codes, &tabs, 1, gs, &mut out);
+            assert!(out.iter().all(|&s| s as usize == 255 * gs), "{level:?}");
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! every token ranked above it. Masses are summed in f64 by both, so they agree wherever the
 //! sums are exact.
 
+use crate::simd::Level;
+
 /// Reference: sort everything, take the shortest prefix reaching `tau`. Returns the selected
 /// indices in selection order. `tau >= 1` selects everything.
 pub fn top_p_sorted(p: &[f32], tau: f32) -> Vec<u32> {
@@ -126,6 +128,54 @@ fn compact(bucket: &[u16], out: &mut Vec<u32>, take: impl Fn(usize, u16) -> bool
     out.truncate(start + len);
 }
 
+/// [`compact`] for AVX-512, 32 buckets a step: appends to `out` the indices whose bucket is
+/// above `edge` (when `above`) or equal to it and `tie(i)` holds, in order. The taken indices
+/// of each 16 are packed with a compress and stored whole; only the few lanes in the edge
+/// bucket are looked at one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn compact_avx512(bucket: &[u16], out: &mut Vec<u32>, edge: u16, above: bool, tie: impl Fn(usize) -> bool) {
+    use std::arch::x86_64::*;
+    let (start, n) = (out.len(), bucket.len());
+    // every full store writes 16 lanes at or past the current length
+    out.reserve(n + 32);
+    let dst = out.as_mut_ptr().add(start);
+    let mut len = 0usize;
+    let e = _mm512_set1_epi16(edge as i16);
+    let sixteen = _mm512_set1_epi32(16);
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut i = 0;
+    while i + 32 <= n {
+        let b = _mm512_loadu_si512(bucket.as_ptr().add(i) as *const _);
+        let mut take: u32 = if above { _mm512_cmpgt_epu16_mask(b, e) } else { 0 };
+        let mut eq: u32 = _mm512_cmpeq_epi16_mask(b, e);
+        while eq != 0 {
+            let t = eq.trailing_zeros();
+            if tie(i + t as usize) {
+                take |= 1 << t;
+            }
+            eq &= eq - 1;
+        }
+        if take != 0 {
+            let (lo, hi) = (take as u16, (take >> 16) as u16);
+            // len <= i here, so both stores end within the n + 32 reserved
+            _mm512_storeu_si512(dst.add(len) as *mut _, _mm512_maskz_compress_epi32(lo, idx));
+            len += lo.count_ones() as usize;
+            _mm512_storeu_si512(dst.add(len) as *mut _, _mm512_maskz_compress_epi32(hi, _mm512_add_epi32(idx, sixteen)));
+            len += hi.count_ones() as usize;
+        }
+        idx = _mm512_add_epi32(idx, _mm512_add_epi32(sixteen, sixteen));
+        i += 32;
+    }
+    for (j, &b) in bucket.iter().enumerate().skip(i) {
+        if (above && b > edge) || (b == edge && tie(j)) {
+            *dst.add(len) = j as u32;
+            len += 1;
+        }
+    }
+    out.set_len(start + len);
+}
+
 /// Reusable buffers for the selections, so that the decode loop does not allocate once warm.
 #[derive(Default)]
 pub struct TopP {
@@ -136,6 +186,8 @@ pub struct TopP {
     edge: Vec<u32>,
     /// the histogram of the one-call forms (`select`, `count`, `top_k`)
     hist: Histogram,
+    /// the kernels' instruction set when not the process's (tests and benchmarks)
+    level: Option<Level>,
 }
 
 /// The last token taken in the reference order: everything ranked above it (a higher
@@ -147,6 +199,15 @@ struct Boundary {
 }
 
 impl TopP {
+    /// Buffers whose kernels run at `level` (or the best the CPU has below it).
+    pub fn at(level: Level) -> TopP {
+        TopP { level: Some(level), ..TopP::default() }
+    }
+
+    fn level(&self) -> Level {
+        self.level.map_or_else(crate::simd::level, Level::usable)
+    }
+
     /// The same set as [`top_p_sorted`] (in index order, not selection order), written into
     /// `out`. Returns the selected mass.
     pub fn select(&mut self, p: &[f32], tau: f32, out: &mut Vec<u32>) -> f64 {
@@ -176,7 +237,7 @@ impl TopP {
         };
         self.members(h, edge);
         let (last, taken) = self.boundary_by_mass(p, tau as f64 - above);
-        Self::collect(p, h, last, out);
+        Self::collect(self.level(), p, h, last, out);
         above + taken
     }
 
@@ -248,7 +309,7 @@ impl TopP {
         let by_rank = |a: &u32, b: &u32| p[*b as usize].total_cmp(&p[*a as usize]).then(a.cmp(b));
         self.cand.select_nth_unstable_by(r - 1, by_rank);
         let i = self.cand[r - 1];
-        Self::collect(p, h, Boundary { value: p[i as usize], index: i }, out);
+        Self::collect(self.level(), p, h, Boundary { value: p[i as usize], index: i }, out);
     }
 
     /// The bucket where the mass, summed from the top, reaches `need`: (bucket, mass above it,
@@ -269,6 +330,11 @@ impl TopP {
     fn members(&mut self, h: &Histogram, edge: usize) {
         self.cand.clear();
         let edge = edge as u16;
+        #[cfg(target_arch = "x86_64")]
+        if self.level() >= Level::Avx512 {
+            // SAFETY: the CPU has AVX-512 F/BW (`level` is never above what it has).
+            return unsafe { compact_avx512(&h.bucket, &mut self.cand, edge, false, |_| true) };
+        }
         // few tokens share the boundary's bucket: a plain filter predicts well
         self.cand.extend(h.bucket.iter().enumerate().filter(|(_, &b)| b == edge).map(|(i, _)| i as u32));
     }
@@ -330,9 +396,20 @@ impl TopP {
     }
 
     /// Every index ranked at or above `b`, in index order.
-    fn collect(p: &[f32], h: &Histogram, b: Boundary, out: &mut Vec<u32>) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn collect(level: Level, p: &[f32], h: &Histogram, b: Boundary, out: &mut Vec<u32>) {
         let (kb, ib) = (key(b.value), b.index);
         let eb = bucket_of(b.value);
+        #[cfg(target_arch = "x86_64")]
+        if level >= Level::Avx512 {
+            // SAFETY: the CPU has AVX-512 F/BW (`level` is never above what it has).
+            return unsafe {
+                compact_avx512(&h.bucket, out, eb, true, |i| {
+                    let k = key(p[i]);
+                    k > kb || (k == kb && i as u32 <= ib)
+                })
+            };
+        }
         compact(&h.bucket, out, |i, bi| {
             bi > eb || (bi == eb && {
                 let k = key(p[i]);
@@ -388,26 +465,39 @@ pub(crate) mod tests {
 
     #[test]
     fn equals_sort_reference_on_random_distributions() {
+        for level in Level::ALL {
+            equals_sort_reference_at(level);
+        }
+    }
+
+    fn equals_sort_reference_at(level: Level) {
         let mut seed = 0x9e3779b97f4a7c15u64;
-        let mut sel = TopP::default();
+        let mut sel = TopP::at(level);
         let mut out = Vec::new();
+        // lengths past 700 reach the 32-bucket steps of the SIMD compaction, and their tails
         for trial in 0..300 {
-            let n = 1 + (trial * 37) % 700;
+            let n = 1 + (trial * 37) % 700 + if trial % 5 == 0 { 3000 } else { 0 };
             let sharp = 1.0 + (trial % 7) as f32 * 2.0;
             let coarse = trial % 4 == 0;
             let z: Vec<f32> = (0..n).map(|_| if coarse { (rng(&mut seed) * sharp).floor() } else { rng(&mut seed) * sharp }).collect();
             let p = softmax(&z);
             for tau in [0.1f32, 0.5, 0.9, 0.99, 0.999999, 1.0] {
                 sel.select(&p, tau, &mut out);
-                assert_eq!(out, sorted_set(top_p_sorted(&p, tau)), "trial {trial} n {n} tau {tau}");
-                assert_eq!(sel.count(&p, tau), out.len(), "trial {trial} n {n} tau {tau}");
+                assert_eq!(out, sorted_set(top_p_sorted(&p, tau)), "{level:?} trial {trial} n {n} tau {tau}");
+                assert_eq!(sel.count(&p, tau), out.len(), "{level:?} trial {trial} n {n} tau {tau}");
             }
         }
     }
 
     #[test]
     fn equals_sort_reference_with_ties() {
-        let mut sel = TopP::default();
+        for level in Level::ALL {
+            equals_sort_reference_with_ties_at(level);
+        }
+    }
+
+    fn equals_sort_reference_with_ties_at(level: Level) {
+        let mut sel = TopP::at(level);
         let mut out = Vec::new();
         // many exact ties, including at the boundary: 8 tokens of 0.125
         let p = vec![0.125f32; 8];
@@ -422,6 +512,12 @@ pub(crate) mod tests {
         for tau in [0.15f32, 0.4, 0.45, 0.61, 0.75, 0.85, 0.95] {
             sel.select(&p, tau, &mut out);
             assert_eq!(out, sorted_set(top_p_sorted(&p, tau)), "tau {tau}");
+        }
+        // 100 ties straddling the 32-token steps of the SIMD compaction
+        let p: Vec<f32> = (0..100).map(|i| if (10..90).contains(&i) { 0.01 } else { 0.2 / 20.0 - 1e-5 * (i % 3) as f32 }).collect();
+        for tau in [0.3f32, 0.5, 0.77, 0.9] {
+            sel.select(&p, tau, &mut out);
+            assert_eq!(out, sorted_set(top_p_sorted(&p, tau)), "{level:?} tau {tau}");
         }
     }
 
@@ -463,18 +559,24 @@ pub(crate) mod tests {
 
     #[test]
     fn top_k_equals_sort_reference_on_random_distributions() {
+        for level in Level::ALL {
+            top_k_equals_sort_reference_at(level);
+        }
+    }
+
+    fn top_k_equals_sort_reference_at(level: Level) {
         let mut seed = 0x2545f4914f6cdd1du64;
-        let mut sel = TopP::default();
+        let mut sel = TopP::at(level);
         let mut out = Vec::new();
         for trial in 0..200 {
-            let n: usize = 1 + (trial * 53) % 900;
+            let n: usize = 1 + (trial * 53) % 900 + if trial % 4 == 1 { 2500 } else { 0 };
             // coarse values make many ties, inside buckets and across them
             let coarse = trial % 3 == 0;
             let z: Vec<f32> = (0..n).map(|_| if coarse { (rng(&mut seed) * 6.0).floor() } else { rng(&mut seed) * 12.0 }).collect();
             let p = softmax(&z);
             for k in [1, n / 7 + 1, n / 2, n.saturating_sub(1).max(1), n] {
                 sel.top_k(&p, k, &mut out);
-                assert_eq!(out, top_k_sorted(&p, k), "trial {trial} n {n} k {k}");
+                assert_eq!(out, top_k_sorted(&p, k), "{level:?} trial {trial} n {n} k {k}");
             }
         }
     }

@@ -220,7 +220,7 @@ fn load_test(opts: &str, unified: bool) {
                     // whole cache (a unified cache gives one slot all of it)
                     let n_words = if k % 23 == 5 { 2000 } else { 4 + (k * 53) % 150 };
                     let p = prompt(&words, n_words, k);
-                    let (stream, cancel) = (k % 2 == 0, k % 7 == 3);
+                    let (stream, cancel) = (k.is_multiple_of(2), k % 7 == 3);
                     let s = &server;
                     sc.spawn(move || run(s, &p, 8 + k % 17, stream, cancel, k as u64))
                 })

@@ -270,6 +270,15 @@ pub fn markdown(rows: &[Row]) -> String {
     s
 }
 
+/// Quality against memory: mean KLD over the fast tier's share of the f16 cache.
+pub fn svg(rows: &[Row]) -> String {
+    let pts: Vec<super::svg::Point> = rows
+        .iter()
+        .map(|r| super::svg::Point { label: r.config.name.clone(), x: r.memory.fast_share() * 100.0, y: r.kld_mean })
+        .collect();
+    super::svg::scatter_log_y("quality against memory", "fast tier, % of the stock f16 cache", "mean KL divergence to stock f16", &pts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,13 +304,4 @@ mod tests {
         assert_eq!(p99(&v), 198.0);
         assert_eq!(p99(&[5.0]), 5.0);
     }
-}
-
-/// Quality against memory: mean KLD over the fast tier's share of the f16 cache.
-pub fn svg(rows: &[Row]) -> String {
-    let pts: Vec<super::svg::Point> = rows
-        .iter()
-        .map(|r| super::svg::Point { label: r.config.name.clone(), x: r.memory.fast_share() * 100.0, y: r.kld_mean })
-        .collect();
-    super::svg::scatter_log_y("quality against memory", "fast tier, % of the stock f16 cache", "mean KL divergence to stock f16", &pts)
 }
