@@ -6,7 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
-use hcattn::approx::{softmax, softmax_with, weighted_sum_with};
+use hcattn::approx::{softmax, softmax_with, union_sum_with, weighted_sum_with, Pick};
 use hcattn::codebook::KMeans;
 use hcattn::scan;
 use hcattn::select::{Histogram, TopP};
@@ -96,6 +96,42 @@ fn kernels(c: &mut Criterion) {
         grp.bench_function(format!("sum_{}", level.name()), |b| {
             b.iter(|| weighted_sum_with(level, &p, black_box(&sel), 1.0, &cells, |c| &rows[c as usize], &mut out))
         });
+    }
+    // the same sum for the 3 query heads of a KV head: one pass per head, or one pass over
+    // the union of their selections (rows in cache here, so this shows the compute only)
+    let ps: Vec<Vec<f32>> = (0..G).map(|_| probabilities(&mut r)).collect();
+    let hists: Vec<Histogram> = ps
+        .iter()
+        .map(|p| {
+            let mut h = Histogram::default();
+            h.build(p);
+            h
+        })
+        .collect();
+    let picks: Vec<Pick> = (0..G).map(|k| Pick { p: &ps[k], bucket: hists[k].buckets(), cut: top.cut_top_k_with(&ps[k], &hists[k], N * 15 / 100) }).collect();
+    let sels: Vec<Vec<u32>> = (0..G)
+        .map(|k| {
+            let mut s = Vec::new();
+            top.top_k_with(&ps[k], &hists[k], N * 15 / 100, &mut s);
+            s
+        })
+        .collect();
+    let mut outs = vec![0f32; G * DK];
+    let mut mass = vec![0f64; G];
+    for level in levels() {
+        grp.bench_function(format!("3_heads_one_pass_each_{}", level.name()), |b| {
+            b.iter(|| {
+                for (k, o) in outs.chunks_exact_mut(DK).enumerate() {
+                    weighted_sum_with(level, &ps[k], black_box(&sels[k]), 1.0, &cells, |c| &rows[c as usize], o);
+                }
+            })
+        });
+        // the union has no AVX2 kernel
+        if level != Level::Avx2 {
+            grp.bench_function(format!("3_heads_union_{}", level.name()), |b| {
+                b.iter(|| union_sum_with(level, black_box(&picks), &cells, |c| &rows[c as usize], &mut outs, &mut mass))
+            });
+        }
     }
     grp.finish();
 

@@ -12,7 +12,7 @@ use half::f16;
 
 use crate::attention::{exp, Scale};
 use crate::keys::{KeyStore, Prep};
-use crate::select::{layer_k, Histogram, TopP};
+use crate::select::{layer_k, Cut, Histogram, TopP};
 use crate::simd::Level;
 
 /// Settings of the approximate path.
@@ -265,6 +265,203 @@ pub fn select_and_sum<'a>(
     weighted_sum(p, sel, w, cells, val, out);
 }
 
+/// Most query heads whose value sums share one pass over their selections' union.
+pub const UNION_HEADS: usize = 4;
+
+/// [`select_and_sum`] for `hists.len()` query heads of one KV head (`probs` holds their
+/// probabilities one after another, `out` their dv outputs each). Where the union kernel
+/// applies (AVX-512; 2 to 4 heads of dv 64, or 2 of dv 128), each value row in the
+/// union of the heads' selections is read once for all of them: the rows are scattered over
+/// the value store and each read waits on memory, so fewer reads is what makes the sum
+/// faster. Otherwise one selection and sum per head.
+#[allow(clippy::too_many_arguments)]
+pub fn select_and_sum_group<'a>(
+    level: Level,
+    probs: &[f32],
+    hists: &[Histogram],
+    cells: &[(i32, u32)],
+    a: Approx,
+    k_layer: Option<usize>,
+    top: &mut TopP,
+    sel: &mut Vec<u32>,
+    val: impl Fn(u32) -> &'a [f16],
+    out: &mut [f32],
+) {
+    let (heads, n) = (hists.len(), cells.len());
+    let dv = out.len().checked_div(heads).unwrap_or(0);
+    assert!(probs.len() >= heads * n && out.len() == heads * dv);
+    let level = level.usable();
+    if level >= Level::Avx512 && heads >= 2 && union_avx512_fits(heads, dv) {
+        let mut picks = [Pick { p: &[], bucket: &[], cut: Cut::NONE }; UNION_HEADS];
+        for (k, pick) in picks.iter_mut().enumerate().take(heads) {
+            let (p, h) = (&probs[k * n..(k + 1) * n], &hists[k]);
+            let cut = match k_layer {
+                Some(kl) => top.cut_top_k_with(p, h, kl),
+                None => top.cut_with(p, h, a.tau).0,
+            };
+            *pick = Pick { p, bucket: h.buckets(), cut };
+        }
+        let mut mass = [0f64; UNION_HEADS];
+        union_sum_with(level, &picks[..heads], cells, val, out, &mut mass[..heads]);
+        if a.renorm {
+            for (o, m) in out.chunks_exact_mut(dv).zip(mass) {
+                if m > 0.0 {
+                    let w = (1.0 / m) as f32;
+                    o.iter_mut().for_each(|x| *x *= w);
+                }
+            }
+        }
+        return;
+    }
+    for (k, h) in hists.iter().enumerate() {
+        select_and_sum(&probs[k * n..(k + 1) * n], h, cells, a, k_layer, top, sel, &val, &mut out[k * dv..(k + 1) * dv]);
+    }
+}
+
+/// One head's share of a union value sum: its probabilities, their histogram buckets and its
+/// selection.
+#[derive(Clone, Copy)]
+pub struct Pick<'a> {
+    pub p: &'a [f32],
+    pub bucket: &'a [u16],
+    pub cut: Cut,
+}
+
+/// For each pick k: `out[k * dv..]` = sum over the tokens j its cut takes of
+/// `p[j] * val(cells[j])`, and `mass[k]` = sum of those p[j] (f64, in index order).
+/// Each value row is read once however many picks take it.
+pub fn union_sum_with<'a>(level: Level, picks: &[Pick], cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    let (heads, n) = (picks.len(), cells.len());
+    assert!(heads > 0 && out.len().is_multiple_of(heads) && mass.len() == heads);
+    assert!(picks.iter().all(|k| k.p.len() >= n && k.bucket.len() >= n));
+    let dv = out.len() / heads;
+    #[cfg(target_arch = "x86_64")]
+    if level.usable() >= Level::Avx512 && union_avx512_fits(heads, dv) {
+        // SAFETY: AVX-512 is present (`usable` checked it); lengths were checked above.
+        return unsafe { union_sum_avx512(picks, cells, val, out, mass) };
+    }
+    let _ = level;
+    union_sum_portable(picks, cells, val, out, mass)
+}
+
+/// The reference for [`union_sum_with`].
+pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    let dv = out.len() / picks.len();
+    out.iter_mut().for_each(|x| *x = 0.0);
+    mass.iter_mut().for_each(|m| *m = 0.0);
+    for (j, &(_, c)) in cells.iter().enumerate() {
+        for (k, pk) in picks.iter().enumerate() {
+            if pk.cut.takes(j, pk.bucket[j], pk.p[j]) {
+                mass[k] += pk.p[j] as f64;
+                for (x, v) in out[k * dv..(k + 1) * dv].iter_mut().zip(val(c)) {
+                    *x += pk.p[j] * v.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Whether [`union_sum_with`] has an AVX-512 kernel for this many heads and this dv.
+fn union_avx512_fits(heads: usize, dv: usize) -> bool {
+    matches!((heads, dv), (1..=4, 64) | (1..=2, 128))
+}
+
+/// [`union_sum_with`] for AVX-512, dispatched to a kernel whose accumulators are all in
+/// registers. The caller checked [`union_avx512_fits`] and the lengths.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn union_sum_avx512<'a>(picks: &[Pick], cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    match (picks.len(), out.len() / picks.len()) {
+        (1, 64) => union_sum_avx512_k::<1, 4>(picks, cells, val, out, mass),
+        (2, 64) => union_sum_avx512_k::<2, 4>(picks, cells, val, out, mass),
+        (3, 64) => union_sum_avx512_k::<3, 4>(picks, cells, val, out, mass),
+        (4, 64) => union_sum_avx512_k::<4, 4>(picks, cells, val, out, mass),
+        (1, 128) => union_sum_avx512_k::<1, 8>(picks, cells, val, out, mass),
+        _ => union_sum_avx512_k::<2, 8>(picks, cells, val, out, mass),
+    }
+}
+
+/// `G` picks, `L` vectors of 16 values a row. 32 tokens a step: each pick's cut as a bit mask
+/// (a compare of the buckets, then a look at the few tokens in its edge bucket), then every
+/// token in the masks' union: its row converted once and added into each pick that takes it
+/// (a masked FMA, so that a pick that does not take the row is not touched even by a
+/// non-finite value).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn union_sum_avx512_k<'a, const G: usize, const L: usize>(
+    picks: &[Pick],
+    cells: &[(i32, u32)],
+    val: impl Fn(u32) -> &'a [f16],
+    out: &mut [f32],
+    mass: &mut [f64],
+) {
+    use std::arch::x86_64::*;
+    let n = cells.len();
+    let dv = 16 * L;
+    assert!(picks.len() == G && out.len() == G * dv && mass.len() == G);
+    let mut acc = [[_mm512_setzero_ps(); L]; G];
+    let mut m = [0f64; G];
+    let mut take = [0u32; G];
+    let mut i = 0;
+    while i < n {
+        let mut union = 0u32;
+        for (k, pk) in picks.iter().enumerate() {
+            let mut t = 0u32;
+            if i + 32 <= n {
+                let e = _mm512_set1_epi16(pk.cut.edge() as i16);
+                let b = _mm512_loadu_si512(pk.bucket.as_ptr().add(i) as *const _);
+                t = _mm512_cmpgt_epu16_mask(b, e);
+                let mut eq = _mm512_cmpeq_epi16_mask(b, e);
+                while eq != 0 {
+                    let z = eq.trailing_zeros();
+                    if pk.cut.takes_in_edge(i + z as usize, pk.p[i + z as usize]) {
+                        t |= 1 << z;
+                    }
+                    eq &= eq - 1;
+                }
+            } else {
+                for j in i..n {
+                    t |= (pk.cut.takes(j, pk.bucket[j], pk.p[j]) as u32) << (j - i);
+                }
+            }
+            take[k] = t;
+            union |= t;
+        }
+        while union != 0 {
+            let z = union.trailing_zeros();
+            union &= union - 1;
+            let j = i + z as usize;
+            let row = val(cells[j].1);
+            assert!(row.len() >= dv);
+            let src = row.as_ptr() as *const __m256i;
+            let mut w = [_mm512_setzero_ps(); G];
+            let mut on = [0u16; G];
+            for k in 0..G {
+                let pj = picks[k].p[j];
+                let taken = (take[k] >> z) & 1;
+                // adding 0 keeps the f64 sum what it is over the taken tokens alone
+                m[k] += if taken != 0 { pj as f64 } else { 0.0 };
+                w[k] = _mm512_set1_ps(pj);
+                on[k] = 0u16.wrapping_sub(taken as u16);
+            }
+            #[allow(clippy::needless_range_loop)] // acc is indexed [k][l], the loop runs l
+            for l in 0..L {
+                let v = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(l)));
+                for k in 0..G {
+                    acc[k][l] = _mm512_mask3_fmadd_ps(w[k], v, acc[k][l], on[k]);
+                }
+            }
+        }
+        i += 32;
+    }
+    for (k, a) in acc.iter().enumerate() {
+        for (l, v) in a.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(k * dv + l * 16), *v);
+        }
+    }
+    mass.copy_from_slice(&m);
+}
+
 /// All of HCAttention for one query token and the KV heads in `kv_heads` (all of a layer's
 /// with `layer_k`). `q(h)` gives query head h (f32, dk), `val(cell, kvh)` a value row,
 /// `out(kvh)` the g * dv outputs of a group.
@@ -343,6 +540,128 @@ mod tests {
                 weighted_sum_with(level, &p, &sel, 1.5, &cells, |c| &rows[c as usize], &mut b);
                 for (x, y) in a.iter().zip(&b) {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "dv {dv} at {:?}: {x} vs {y}", level.usable());
+                }
+            }
+        }
+    }
+
+    /// Attention-like probabilities of n tokens from a seed.
+    fn probs(n: usize, seed: &mut u64) -> Vec<f32> {
+        let mut l: Vec<f32> = (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (*seed >> 40) as f32 / (1u64 << 24) as f32;
+                // a few strong tokens over a tail, and coarse values for ties
+                if u < 0.02 { 8.0 } else { (u * 24.0).floor() / 4.0 }
+            })
+            .collect();
+        softmax_with(Level::Portable, &mut l, None);
+        l
+    }
+
+    #[test]
+    fn union_value_sums_equal_one_sum_per_head() {
+        let mut seed = 77u64;
+        for (heads, dv, n) in [(2usize, 64usize, 1000usize), (3, 64, 4099), (4, 64, 31), (3, 32, 700), (4, 48, 97), (1, 64, 300), (2, 128, 515), (1, 128, 40)] {
+            let rows: Vec<Vec<f16>> = (0..n).map(|c| (0..heads.max(1) * dv).map(|d| f16::from_f32(((c * 31 + d * 7) % 97) as f32 / 50.0 - 1.0)).collect()).collect();
+            let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, (c * 13) % n as u32)).collect();
+            let ps: Vec<Vec<f32>> = (0..heads).map(|_| probs(n, &mut seed)).collect();
+            let mut hists: Vec<Histogram> = (0..heads).map(|_| Histogram::default()).collect();
+            for (h, p) in hists.iter_mut().zip(&ps) {
+                h.build(p);
+            }
+            for k_layer in [None, Some(n / 5 + 1), Some(0), Some(n)] {
+                let mut top = TopP::at(Level::Portable);
+                let picks: Vec<Pick> = (0..heads)
+                    .map(|k| {
+                        let cut = match k_layer {
+                            Some(kl) => top.cut_top_k_with(&ps[k], &hists[k], kl),
+                            None => top.cut_with(&ps[k], &hists[k], 0.9).0,
+                        };
+                        Pick { p: &ps[k], bucket: hists[k].buckets(), cut }
+                    })
+                    .collect();
+                // the reference: each head's list, then its own sum
+                let mut want = vec![0f32; heads * dv];
+                let mut want_mass = vec![0f64; heads];
+                for k in 0..heads {
+                    let mut sel = Vec::new();
+                    match k_layer {
+                        Some(kl) => top.top_k_with(&ps[k], &hists[k], kl, &mut sel),
+                        None => {
+                            top.select_with(&ps[k], &hists[k], 0.9, &mut sel);
+                        }
+                    }
+                    want_mass[k] = sel.iter().map(|&j| ps[k][j as usize] as f64).sum();
+                    weighted_sum_portable(&ps[k], &sel, 1.0, &cells, |c| &rows[c as usize], &mut want[k * dv..(k + 1) * dv]);
+                }
+                for level in Level::ALL {
+                    let (mut got, mut mass) = (vec![7f32; heads * dv], vec![7f64; heads]);
+                    union_sum_with(level, &picks, &cells, |c| &rows[c as usize], &mut got, &mut mass);
+                    let what = format!("{:?} heads {heads} dv {dv} n {n} k {k_layer:?}", level.usable());
+                    assert_eq!(mass, want_mass, "{what}");
+                    for (x, y) in want.iter().zip(&got) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn union_value_sum_leaves_rows_a_head_does_not_take_alone() {
+        // token 0 holds the most mass for head 0 and none for head 1; its row is not finite
+        let n = 64;
+        let dv = 16;
+        let mut p0 = vec![0.5 / (n - 1) as f32; n];
+        p0[0] = 0.5;
+        let mut p1 = vec![1.0 / (n - 1) as f32; n];
+        p1[0] = 0.0;
+        let mut rows: Vec<Vec<f16>> = (0..n).map(|_| vec![f16::from_f32(1.0); dv]).collect();
+        rows[0] = vec![f16::INFINITY; dv];
+        let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
+        let (mut h0, mut h1) = (Histogram::default(), Histogram::default());
+        h0.build(&p0);
+        h1.build(&p1);
+        let mut top = TopP::default();
+        let c0 = top.cut_with(&p0, &h0, 0.5).0;
+        let c1 = top.cut_with(&p1, &h1, 0.5).0;
+        let picks = [Pick { p: &p0, bucket: h0.buckets(), cut: c0 }, Pick { p: &p1, bucket: h1.buckets(), cut: c1 }];
+        for level in Level::ALL {
+            let (mut out, mut mass) = (vec![0f32; 2 * dv], vec![0f64; 2]);
+            union_sum_with(level, &picks, &cells, |c| &rows[c as usize], &mut out, &mut mass);
+            assert!(out[..dv].iter().all(|x| x.is_infinite()), "{level:?}: head 0 takes the infinite row");
+            assert!(out[dv..].iter().all(|x| x.is_finite() && *x > 0.0), "{level:?}: head 1 does not");
+        }
+    }
+
+    #[test]
+    fn group_selection_and_sum_equals_one_per_head() {
+        let mut seed = 5u64;
+        let (heads, dv, n) = (3usize, 64usize, 2000usize);
+        let rows: Vec<Vec<f16>> = (0..n).map(|c| (0..dv).map(|d| f16::from_f32(((c * 17 + d * 5) % 89) as f32 / 40.0 - 1.0)).collect()).collect();
+        let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
+        let probs_all: Vec<f32> = (0..heads).flat_map(|_| probs(n, &mut seed)).collect();
+        let hists: Vec<Histogram> = probs_all
+            .chunks_exact(n)
+            .map(|p| {
+                let mut h = Histogram::default();
+                h.build(p);
+                h
+            })
+            .collect();
+        for (renorm, k_layer) in [(true, None), (false, None), (true, Some(300)), (false, Some(300))] {
+            let a = Approx { tau: 0.9, renorm, layer_k: k_layer.is_some() };
+            let mut want = vec![0f32; heads * dv];
+            let (mut top, mut sel) = (TopP::default(), Vec::new());
+            for k in 0..heads {
+                select_and_sum(&probs_all[k * n..(k + 1) * n], &hists[k], &cells, a, k_layer, &mut top, &mut sel, |c| &rows[c as usize], &mut want[k * dv..(k + 1) * dv]);
+            }
+            for level in Level::ALL {
+                let mut got = vec![0f32; heads * dv];
+                select_and_sum_group(level, &probs_all, &hists, &cells, a, k_layer, &mut top, &mut sel, |c| &rows[c as usize], &mut got);
+                for (x, y) in want.iter().zip(&got) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{:?} renorm {renorm} k {k_layer:?}: {x} vs {y}", level.usable());
                 }
             }
         }

@@ -681,12 +681,16 @@ impl Backend {
             } else {
                 None
             };
-            for (k, h) in heads.clone().enumerate() {
-                let kvh = h / g;
+            // this thread's heads, in runs that share a KV head (and so their value rows)
+            let mut k = 0;
+            while k < heads.len() {
+                let h = heads.start + k;
+                let (kvh, run) = (h / g, (g - h % g).min(heads.len() - k));
                 // SAFETY: values were stored before this op and are not written during it.
                 let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
-                let p = &probs[k * n..(k + 1) * n];
-                approx::select_and_sum(p, &s.hists[k], cells, a, k_layer, &mut s.top, &mut s.sel, val, out.span(0, h, d.dv));
+                let (p, hists) = (&probs[k * n..(k + run) * n], &s.hists[k..k + run]);
+                approx::select_and_sum_group(crate::simd::level(), p, hists, cells, a, k_layer, &mut s.top, &mut s.sel, val, out.span(0, h, run * d.dv));
+                k += run;
             }
             s.probs = probs;
             Ok(())

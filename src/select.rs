@@ -75,6 +75,11 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Each token's bucket, from the last [`build`](Self::build).
+    pub fn buckets(&self) -> &[u16] {
+        &self.bucket
+    }
+
     pub fn build(&mut self, p: &[f32]) {
         if self.count.is_empty() {
             self.count = vec![0; BUCKETS];
@@ -198,6 +203,46 @@ struct Boundary {
     index: u32,
 }
 
+/// A selection as a rule rather than a list: token i (probability p, histogram bucket b) is
+/// taken when b is above `edge`, or equal to it and i ranks at or above the boundary token
+/// (key, index). Applied in index order it gives the selection's list; the value sum of
+/// several heads applies their cuts in one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    edge: u16,
+    key: u32,
+    index: u32,
+}
+
+impl Cut {
+    /// Every token (bucket 0 with every key, every index).
+    pub const ALL: Cut = Cut { edge: 0, key: 0, index: u32::MAX };
+    /// No token (buckets stay below `u16::MAX`).
+    pub const NONE: Cut = Cut { edge: u16::MAX, key: u32::MAX, index: 0 };
+
+    fn at(b: Boundary) -> Cut {
+        Cut { edge: bucket_of(b.value), key: key(b.value), index: b.index }
+    }
+
+    /// The bucket that needs a look at the token itself.
+    pub fn edge(&self) -> u16 {
+        self.edge
+    }
+
+    /// Whether token `i` of probability `p` in bucket `bucket` is taken.
+    #[inline(always)]
+    pub fn takes(&self, i: usize, bucket: u16, p: f32) -> bool {
+        bucket > self.edge || (bucket == self.edge && self.takes_in_edge(i, p))
+    }
+
+    /// [`takes`](Self::takes) for a token in the edge bucket.
+    #[inline(always)]
+    pub fn takes_in_edge(&self, i: usize, p: f32) -> bool {
+        let k = key(p);
+        k > self.key || (k == self.key && i as u32 <= self.index)
+    }
+}
+
 impl TopP {
     /// Buffers whose kernels run at `level` (or the best the CPU has below it).
     pub fn at(level: Level) -> TopP {
@@ -225,20 +270,24 @@ impl TopP {
 
     /// [`select`](Self::select) with the histogram of `p` already built.
     pub fn select_with(&mut self, p: &[f32], h: &Histogram, tau: f32, out: &mut Vec<u32>) -> f64 {
+        let (cut, mass) = self.cut_with(p, h, tau);
         out.clear();
+        Self::collect(self.level(), p, h, cut, out);
+        mass
+    }
+
+    /// The set of [`select_with`](Self::select_with) as a [`Cut`], and its mass.
+    pub fn cut_with(&mut self, p: &[f32], h: &Histogram, tau: f32) -> (Cut, f64) {
         if tau >= 1.0 {
-            out.extend(0..p.len() as u32);
-            return p.iter().map(|&x| x as f64).sum();
+            return (Cut::ALL, p.iter().map(|&x| x as f64).sum());
         }
         let Some((edge, above, _)) = Self::mass_edge(h, tau as f64) else {
             // the total mass is below tau (rounding): everything is selected
-            out.extend(0..p.len() as u32);
-            return h.mass[h.lo..=h.hi].iter().sum();
+            return (Cut::ALL, h.mass[h.lo..=h.hi].iter().sum());
         };
         self.members(h, edge);
         let (last, taken) = self.boundary_by_mass(p, tau as f64 - above);
-        Self::collect(self.level(), p, h, last, out);
-        above + taken
+        (Cut::at(last), above + taken)
     }
 
     /// The size of the set [`select`](Self::select) would return, without collecting it.
@@ -287,13 +336,18 @@ impl TopP {
 
     /// [`top_k`](Self::top_k) with the histogram of `p` already built.
     pub fn top_k_with(&mut self, p: &[f32], h: &Histogram, k: usize, out: &mut Vec<u32>) {
+        let cut = self.cut_top_k_with(p, h, k);
         out.clear();
+        Self::collect(self.level(), p, h, cut, out);
+    }
+
+    /// The set of [`top_k_with`](Self::top_k_with) as a [`Cut`].
+    pub fn cut_top_k_with(&mut self, p: &[f32], h: &Histogram, k: usize) -> Cut {
         if k >= p.len() {
-            out.extend(0..p.len() as u32);
-            return;
+            return Cut::ALL;
         }
         if k == 0 {
-            return;
+            return Cut::NONE;
         }
         let mut above = 0usize;
         let mut edge = h.lo;
@@ -309,7 +363,7 @@ impl TopP {
         let by_rank = |a: &u32, b: &u32| p[*b as usize].total_cmp(&p[*a as usize]).then(a.cmp(b));
         self.cand.select_nth_unstable_by(r - 1, by_rank);
         let i = self.cand[r - 1];
-        Self::collect(self.level(), p, h, Boundary { value: p[i as usize], index: i }, out);
+        Cut::at(Boundary { value: p[i as usize], index: i })
     }
 
     /// The bucket where the mass, summed from the top, reaches `need`: (bucket, mass above it,
@@ -395,27 +449,19 @@ impl TopP {
         (last.unwrap_or(Boundary { value: f32::INFINITY, index: 0 }), taken)
     }
 
-    /// Every index ranked at or above `b`, in index order.
+    /// Every index `cut` takes, in index order.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn collect(level: Level, p: &[f32], h: &Histogram, b: Boundary, out: &mut Vec<u32>) {
-        let (kb, ib) = (key(b.value), b.index);
-        let eb = bucket_of(b.value);
+    fn collect(level: Level, p: &[f32], h: &Histogram, cut: Cut, out: &mut Vec<u32>) {
+        if cut == Cut::ALL {
+            out.extend(0..p.len() as u32);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if level >= Level::Avx512 {
             // SAFETY: the CPU has AVX-512 F/BW (`level` is never above what it has).
-            return unsafe {
-                compact_avx512(&h.bucket, out, eb, true, |i| {
-                    let k = key(p[i]);
-                    k > kb || (k == kb && i as u32 <= ib)
-                })
-            };
+            return unsafe { compact_avx512(&h.bucket, out, cut.edge, true, |i| cut.takes_in_edge(i, p[i])) };
         }
-        compact(&h.bucket, out, |i, bi| {
-            bi > eb || (bi == eb && {
-                let k = key(p[i]);
-                k > kb || (k == kb && i as u32 <= ib)
-            })
-        });
+        compact(&h.bucket, out, |i, b| cut.takes(i, b, p[i]));
     }
 }
 
