@@ -238,11 +238,57 @@ pub fn exact_block<'a>(
     scratch: &mut BlockScratch,
     out: impl FnMut(usize, &[f32]),
 ) {
+    exact_block_with(crate::simd::level(), q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
+}
+
+/// [`exact_block`] at a chosen instruction-set level (lowered to what the CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn exact_block_with<'a>(
+    level: crate::simd::Level,
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut BlockScratch,
+    out: impl FnMut(usize, &[f32]),
+) {
     #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { exact_block_avx2(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) };
+    match level.usable() {
+        // SAFETY: `usable` is never above what the CPU has.
+        crate::simd::Level::Avx512 => return unsafe { exact_block_avx512(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
+        crate::simd::Level::Avx2 => return unsafe { exact_block_avx2(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
+        crate::simd::Level::Portable => {}
     }
+    let _ = level;
+    exact_block_portable(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
+}
+
+/// The same code for AVX-512: its loops run along the keys of a block or along a row, one
+/// lane per output, so the wider vectors change no sum's order and the results are the
+/// AVX2 build's bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn exact_block_avx512<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut BlockScratch,
+    out: impl FnMut(usize, &[f32]),
+) {
     exact_block_portable(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
 }
 
@@ -519,6 +565,15 @@ mod tests {
                     assert!((x - y).abs() < 1e-5, "token {i} ({a}..{b}), sinks {}: {x} vs {y}", sk.is_some());
                 }
             }
+            // the AVX-512 build runs the same sums, one lane per output: equal bit for bit
+            let mut per_level = Vec::new();
+            for level in [crate::simd::Level::Avx2, crate::simd::Level::Avx512] {
+                let mut o = vec![vec![]; t];
+                exact_block_with(level, &q, g, dk, dv, &cells, &ranges, |c| &keys[c as usize][..], |c| &vals[c as usize][..], sc, sk,
+                                 &mut BlockScratch::default(), |i, x| o[i] = x.to_vec());
+                per_level.push(o);
+            }
+            assert_eq!(per_level[0], per_level[1]);
         }
     }
 
