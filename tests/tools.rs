@@ -111,6 +111,11 @@ fn bench_reports_ratios_to_stock_at_each_depth() {
     let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 6, "two depths x three configurations");
+    // stderr is a pipe here, so instead of the bar: one line per run, f16 once per depth
+    let err = String::from_utf8_lossy(&out.stderr);
+    let runs: Vec<&str> = err.lines().filter(|l| l.starts_with("bench: run ")).collect();
+    assert_eq!(runs.len(), 6, "{err}");
+    assert!(runs[0].starts_with("bench: run 1 of 6: stock f16 at depth 0") && runs[5].starts_with("bench: run 6 of 6: hc preset=cpu12.5 at depth 64"), "{runs:?}");
     // fast-tier bytes per cell: hc exact holds f16 keys only (half of stock's K and V);
     // cpu12.5's 4-bit codes are an eighth of that, but in this 256-cell context its codebooks
     // and 20 exact rows weigh as much again

@@ -84,7 +84,14 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
     }
     let f16 = Config::parse("f16")?;
     let mut rows = Vec::new();
-    let bar = super::bar((a.depths.len() * (configs.len() + 1) * a.reps) as u64, "bench");
+    // stock f16 runs once per depth as the reference, whether or not it is also listed
+    let total = a.depths.len() * (configs.iter().filter(|c| **c != f16).count() + 1) * a.reps;
+    let bar = super::bar(total as u64, "bench");
+    // the bar hides itself when stderr is not a terminal; a log still gets one line a run,
+    // since one run at a long depth takes many minutes
+    let log_runs = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = std::time::Instant::now();
+    let done = std::cell::Cell::new(0usize);
     for &depth in &a.depths {
         let base = ContextOptions {
             n_ctx: (depth + a.n_prompt + a.n_gen + 8) as u32,
@@ -96,6 +103,10 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
         let best = |c: &Config| -> Result<(f64, f64, Option<f64>)> {
             let mut b = (0.0f64, 0.0f64, None);
             for _ in 0..a.reps {
+                if log_runs {
+                    done.set(done.get() + 1);
+                    eprintln!("bench: run {} of {}: {} at depth {depth} ({:.0} s so far)", done.get(), total, c.name, started.elapsed().as_secs_f64());
+                }
                 let (p, d, m) = once(model, tokens, depth, a, &c.context_options(&base))?;
                 b = (b.0.max(p), b.1.max(d), m);
                 bar.inc(1);
