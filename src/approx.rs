@@ -408,17 +408,7 @@ unsafe fn union_sum_avx512_k<'a, const G: usize, const L: usize>(
         for (k, pk) in picks.iter().enumerate() {
             let mut t = 0u32;
             if i + 32 <= n {
-                let e = _mm512_set1_epi16(pk.cut.edge() as i16);
-                let b = _mm512_loadu_si512(pk.bucket.as_ptr().add(i) as *const _);
-                t = _mm512_cmpgt_epu16_mask(b, e);
-                let mut eq = _mm512_cmpeq_epi16_mask(b, e);
-                while eq != 0 {
-                    let z = eq.trailing_zeros();
-                    if pk.cut.takes_in_edge(i + z as usize, pk.p[i + z as usize]) {
-                        t |= 1 << z;
-                    }
-                    eq &= eq - 1;
-                }
+                t = crate::select::take_mask32(pk.bucket, i, pk.cut.edge(), true, |j| pk.cut.takes_in_edge(j, pk.p[j]));
             } else {
                 for j in i..n {
                     t |= (pk.cut.takes(j, pk.bucket[j], pk.p[j]) as u32) << (j - i);

@@ -146,21 +146,11 @@ unsafe fn compact_avx512(bucket: &[u16], out: &mut Vec<u32>, edge: u16, above: b
     out.reserve(n + 32);
     let dst = out.as_mut_ptr().add(start);
     let mut len = 0usize;
-    let e = _mm512_set1_epi16(edge as i16);
     let sixteen = _mm512_set1_epi32(16);
     let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     let mut i = 0;
     while i + 32 <= n {
-        let b = _mm512_loadu_si512(bucket.as_ptr().add(i) as *const _);
-        let mut take: u32 = if above { _mm512_cmpgt_epu16_mask(b, e) } else { 0 };
-        let mut eq: u32 = _mm512_cmpeq_epi16_mask(b, e);
-        while eq != 0 {
-            let t = eq.trailing_zeros();
-            if tie(i + t as usize) {
-                take |= 1 << t;
-            }
-            eq &= eq - 1;
-        }
+        let take = take_mask32(bucket, i, edge, above, &tie);
         if take != 0 {
             let (lo, hi) = (take as u16, (take >> 16) as u16);
             // len <= i here, so both stores end within the n + 32 reserved
@@ -179,6 +169,28 @@ unsafe fn compact_avx512(bucket: &[u16], out: &mut Vec<u32>, edge: u16, above: b
         }
     }
     out.set_len(start + len);
+}
+
+/// Which of the 32 tokens from `at` are taken, bit j for token `at + j`: those whose bucket
+/// is above `edge` (when `above`), and those in it for which `tie` holds (looked at one by
+/// one; few tokens share the edge bucket).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+pub(crate) unsafe fn take_mask32(bucket: &[u16], at: usize, edge: u16, above: bool, tie: impl Fn(usize) -> bool) -> u32 {
+    use std::arch::x86_64::*;
+    let e = _mm512_set1_epi16(edge as i16);
+    let b = _mm512_loadu_si512(bucket[at..at + 32].as_ptr() as *const _);
+    let mut take: u32 = if above { _mm512_cmpgt_epu16_mask(b, e) } else { 0 };
+    let mut eq: u32 = _mm512_cmpeq_epi16_mask(b, e);
+    while eq != 0 {
+        let t = eq.trailing_zeros();
+        if tie(at + t as usize) {
+            take |= 1 << t;
+        }
+        eq &= eq - 1;
+    }
+    take
 }
 
 /// Reusable buffers for the selections, so that the decode loop does not allocate once warm.
