@@ -1,11 +1,13 @@
-//! Micro-benchmarks of the decode kernels, at the sizes of one SmolLM2-135M layer (3 KV heads
-//! of 64 dims, 3 query heads per KV head) and 8192 visible tokens:
+//! Micro-benchmarks of the decode kernels (and the prompt's exact block kernel), at the sizes
+//! of one SmolLM2-135M layer (3 KV heads of 64 dims, 3 query heads per KV head) and 8192
+//! visible tokens:
 //! `cargo bench --bench kernels` (criterion; `-- --quick` for a short run). Kernels with SIMD
 //! versions run at each instruction-set level; a level the CPU lacks is skipped.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
+use hcattn::attention::{exact_block_with, BlockScratch, Scale};
 use hcattn::approx::{softmax, softmax_with, union_sum_with, weighted_sum_with, Pick};
 use hcattn::codebook::KMeans;
 use hcattn::scan;
@@ -132,6 +134,29 @@ fn kernels(c: &mut Criterion) {
                 b.iter(|| union_sum_with(level, black_box(&picks), &cells, |c| &rows[c as usize], &mut outs, &mut mass))
             });
         }
+    }
+    grp.finish();
+
+    // the prompt's exact kernel: the last 32-token block of an 8192-token prompt, one KV head
+    // (its 3 query heads), causal
+    let keys: Vec<Vec<f16>> = (0..N).map(|_| (0..DK).map(|_| f16::from_f32(r.next() * 2.0 - 1.0)).collect()).collect();
+    let vals: Vec<Vec<f16>> = (0..N).map(|_| (0..DK).map(|_| f16::from_f32(r.next() * 2.0 - 1.0)).collect()).collect();
+    let cells: Vec<(i32, u32)> = (0..N as u32).map(|c| (c as i32, c)).collect();
+    let q: Vec<f32> = (0..32 * G * DK).map(|_| r.next() * 2.0 - 1.0).collect();
+    let ranges: Vec<(usize, usize)> = (0..32).map(|t| (0, N - 31 + t)).collect();
+    let scale = Scale { kq_scale: 0.125, softcap: 0.0 };
+    let mut scratch = BlockScratch::default();
+    let mut grp = c.benchmark_group("prefill_block");
+    grp.throughput(Throughput::Elements((32 * N) as u64));
+    for level in levels() {
+        grp.bench_function(format!("32_tokens_3_heads_{}", level.name()), |b| {
+            b.iter(|| {
+                let (key, val) = (|c: u32| &keys[c as usize][..], |c: u32| &vals[c as usize][..]);
+                exact_block_with(level, black_box(&q), G, DK, DK, &cells, &ranges, key, val, scale, None, &mut scratch, |_, o| {
+                    black_box(o);
+                })
+            })
+        });
     }
     grp.finish();
 

@@ -76,6 +76,184 @@ pub fn level() -> Level {
     })
 }
 
+/// f32 vectors for kernels written once for several widths ([`F32x16`] for AVX-512,
+/// [`F32x8`] for AVX2). Each method is an intrinsic or two, always inlined: a kernel generic
+/// over `Lanes` is itself inlined into a `#[target_feature]` function of the matching level.
+///
+/// # Safety
+/// Every method needs a CPU with the type's level (AVX-512 F/BW/VL, or AVX2 with FMA);
+/// `load`, `store` and `visible_or` read or write WIDTH elements at their pointers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::missing_safety_doc)] // the trait's section covers every method
+pub trait Lanes: Copy {
+    /// f32 lanes in a vector
+    const WIDTH: usize;
+    /// vectors of a register block (4 rows of it and its inputs fit the register file)
+    const BLOCK: usize;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(p: *mut f32, x: Self);
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    unsafe fn max(a: Self, b: Self) -> Self;
+    /// a * b + c
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    /// e^x with the polynomial and clamp of `attention::exp`
+    unsafe fn exp(x: Self) -> Self;
+    /// -inf lanes to 0, the others as they are
+    unsafe fn neg_inf_to_zero(x: Self) -> Self;
+    /// per lane i: `x` where a[i] <= at < b[i], else `other` (a and b: WIDTH i32s)
+    unsafe fn visible_or(a: *const i32, b: *const i32, at: i32, x: Self, other: Self) -> Self;
+}
+
+/// Constants of the exp polynomial shared by the vector versions (see `attention::exp`).
+#[cfg(target_arch = "x86_64")]
+const EXP_POLY: [f32; 6] = [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
+/// 16 f32 lanes (AVX-512).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct F32x16(std::arch::x86_64::__m512);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for F32x16 {
+    const WIDTH: usize = 16;
+    const BLOCK: usize = 4;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        F32x16(std::arch::x86_64::_mm512_set1_ps(x))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        F32x16(std::arch::x86_64::_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: Self) {
+        std::arch::x86_64::_mm512_storeu_ps(p, x.0)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        F32x16(std::arch::x86_64::_mm512_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        F32x16(std::arch::x86_64::_mm512_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        F32x16(std::arch::x86_64::_mm512_mul_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        F32x16(std::arch::x86_64::_mm512_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        F32x16(std::arch::x86_64::_mm512_fmadd_ps(a.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self) -> Self {
+        use std::arch::x86_64::*;
+        let x = _mm512_min_ps(_mm512_max_ps(x.0, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        let n = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(0.5));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(n);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in EXP_POLY {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        F32x16(_mm512_scalef_ps(p, n))
+    }
+    #[inline(always)]
+    unsafe fn neg_inf_to_zero(x: Self) -> Self {
+        use std::arch::x86_64::*;
+        let m = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x.0, _mm512_set1_ps(f32::NEG_INFINITY));
+        F32x16(_mm512_mask_mov_ps(x.0, m, _mm512_setzero_ps()))
+    }
+    #[inline(always)]
+    unsafe fn visible_or(a: *const i32, b: *const i32, at: i32, x: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        let at = _mm512_set1_epi32(at);
+        let vis =
+            _mm512_cmple_epi32_mask(_mm512_loadu_si512(a as *const _), at) & _mm512_cmplt_epi32_mask(at, _mm512_loadu_si512(b as *const _));
+        F32x16(_mm512_mask_mov_ps(other.0, vis, x.0))
+    }
+}
+
+/// 8 f32 lanes (AVX2 with FMA).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct F32x8(std::arch::x86_64::__m256);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for F32x8 {
+    const WIDTH: usize = 8;
+    const BLOCK: usize = 2;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        F32x8(std::arch::x86_64::_mm256_set1_ps(x))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        F32x8(std::arch::x86_64::_mm256_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: Self) {
+        std::arch::x86_64::_mm256_storeu_ps(p, x.0)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        F32x8(std::arch::x86_64::_mm256_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        F32x8(std::arch::x86_64::_mm256_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        F32x8(std::arch::x86_64::_mm256_mul_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        F32x8(std::arch::x86_64::_mm256_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        F32x8(std::arch::x86_64::_mm256_fmadd_ps(a.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self) -> Self {
+        use std::arch::x86_64::*;
+        let x = _mm256_min_ps(_mm256_max_ps(x.0, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in EXP_POLY {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        // 2^n from the exponent bits: n is in [-126, 127] after the clamp
+        let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+        F32x8(_mm256_mul_ps(p, two_n))
+    }
+    #[inline(always)]
+    unsafe fn neg_inf_to_zero(x: Self) -> Self {
+        use std::arch::x86_64::*;
+        let m = _mm256_cmp_ps::<_CMP_EQ_OQ>(x.0, _mm256_set1_ps(f32::NEG_INFINITY));
+        F32x8(_mm256_blendv_ps(x.0, _mm256_setzero_ps(), m))
+    }
+    #[inline(always)]
+    unsafe fn visible_or(a: *const i32, b: *const i32, at: i32, x: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        let at = _mm256_set1_epi32(at);
+        let (a, b) = (_mm256_loadu_si256(a as *const __m256i), _mm256_loadu_si256(b as *const __m256i));
+        // a <= at and at < b
+        let vis = _mm256_andnot_si256(_mm256_cmpgt_epi32(a, at), _mm256_cmpgt_epi32(b, at));
+        F32x8(_mm256_blendv_ps(other.0, x.0, _mm256_castsi256_ps(vis)))
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +268,37 @@ mod tests {
         assert_eq!(Level::parse(" AVX2 "), Some(Level::Avx2));
         assert_eq!(Level::parse("sse"), None);
         assert!(level() <= Level::detected());
+    }
+
+    /// Every lane of each width's exp against the scalar one (the same polynomial, so equal up
+    /// to the FMA's rounding), -inf and the clamps included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_matches_the_scalar_one() {
+        let mut xs: Vec<f32> = (0..4000).map(|i| -90.0 + i as f32 * 0.0447).collect();
+        xs.extend([f32::NEG_INFINITY, -87.0, 0.0, 88.0, 100.0, -1e-7, 1e-7]);
+        while !xs.len().is_multiple_of(16) {
+            xs.push(0.5);
+        }
+        fn check<L: Lanes>(xs: &[f32]) {
+            let mut got = vec![0f32; xs.len()];
+            for (x, o) in xs
+                .chunks_exact(L::WIDTH)
+                .zip(got.chunks_exact_mut(L::WIDTH))
+            {
+                // SAFETY: run only where the level was detected (below)
+                unsafe { L::store(o.as_mut_ptr(), L::exp(L::load(x.as_ptr()))) };
+            }
+            for (x, y) in xs.iter().zip(&got) {
+                let want = crate::attention::exp(*x);
+                assert!((y - want).abs() <= want * 1e-6, "exp({x}): {y} vs {want}");
+            }
+        }
+        if Level::detected() >= Level::Avx2 {
+            check::<F32x8>(&xs);
+        }
+        if Level::detected() >= Level::Avx512 {
+            check::<F32x16>(&xs);
+        }
     }
 }
