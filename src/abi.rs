@@ -399,6 +399,45 @@ unsafe extern "C" fn state_read(be: *mut c_void, seq: i32, _flags: u32, read: sy
     })
 }
 
+unsafe extern "C" fn dense_cells(be: *mut c_void, il: i32) -> u32 {
+    guarded(be, 0, |h| Ok(if il < 0 { 0 } else { h.be.dense_cells(il as usize) as u32 }))
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn dense_fill(
+    be: *mut c_void,
+    il: i32,
+    causal: bool,
+    n_tokens: u32,
+    n_kv: u32,
+    k: *mut u16,
+    v: *mut u16,
+    mask: *mut u16,
+    ith: i32,
+    nth: i32,
+) -> i32 {
+    guarded_shared(be, |h| {
+        if il < 0 || k.is_null() || v.is_null() || mask.is_null() {
+            return Err(Error::Request(format!("dense view of layer {il}: a null buffer or a negative layer")));
+        }
+        // SAFETY: llama.cpp sized the three buffers for n_kv and n_tokens (contract) and runs
+        // this once per thread, each with its own ith; f16 and u16 have one layout.
+        unsafe {
+            h.be.dense_fill(
+                il as usize,
+                causal,
+                n_tokens as usize,
+                n_kv as usize,
+                k as *mut half::f16,
+                v as *mut half::f16,
+                mask as *mut half::f16,
+                ith.max(0) as usize,
+                nth.max(1) as usize,
+            )
+        }
+    })
+}
+
 struct Table(sys::llama_kv_backend_iface);
 // SAFETY: the table is immutable; its only pointer is to a static string.
 unsafe impl Sync for Table {}
@@ -426,6 +465,8 @@ static TABLE: Table = Table(sys::llama_kv_backend_iface {
     memory_usage: Some(memory_usage),
     state_write: Some(state_write),
     state_read: Some(state_read),
+    dense_cells: Some(dense_cells),
+    dense_fill: Some(dense_fill),
 });
 
 /// The function table (what `llama_kv_backend_init` returns).

@@ -756,6 +756,86 @@ impl Backend {
         Ok(())
     }
 
+    /// Cells of layer `il`'s dense view for the applied ubatch (see `dense_fill`), or 0 when hc
+    /// attends itself: the view serves the exact mode with `exact_attn=ggml`, on full-attention
+    /// layers (a window's view would not be stock's SWA cache) and ubatches of one sequence (a
+    /// stock view of several is a stream per sequence, which one dense list is not).
+    pub fn dense_cells(&self, il: usize) -> usize {
+        let o = &self.cfg.options;
+        if !o.is_exact() || o.exact_attn != crate::options::ExactAttn::Ggml || self.plan.tokens.is_empty() || self.plan.lists.len() != 1 {
+            return 0;
+        }
+        match self.layer(il) {
+            Ok(l) if l.desc.window == Window::None && l.vals.is_allocated() => self.plan.lists[0].len(),
+            _ => 0,
+        }
+    }
+
+    /// Thread `ith` of `nth`'s share of layer `il`'s dense view: llama.cpp's flash attention
+    /// then attends over it exactly as over a stock cache's stream, which holds one sequence's
+    /// cells in position order from cell 0 (`n_kv`: that view's padded length). K and V rows of
+    /// the view's cells (zero past the sequence), and the mask of the ubatch's tokens: 0 where
+    /// a token sees a cell, -inf elsewhere.
+    ///
+    /// # Safety
+    /// `k`, `v` and `mask` hold n_kv rows of n_head_kv * dk and n_head_kv * dv, and n_tokens
+    /// rows of n_kv, f16s; other threads write only their own shares; the layer's keys and
+    /// values were stored before this op and are not written during it.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dense_fill(
+        &self,
+        il: usize,
+        causal: bool,
+        n_tokens: usize,
+        n_kv: usize,
+        k: *mut half::f16,
+        v: *mut half::f16,
+        mask: *mut half::f16,
+        ith: usize,
+        nth: usize,
+    ) -> Result<()> {
+        let n = self.dense_cells(il);
+        if n == 0 || n > n_kv || n_tokens != self.plan.tokens.len() {
+            return Err(Error::Request(format!(
+                "layer {il}: a dense view of {n_kv} cells for {n_tokens} tokens was asked; the applied ubatch has {} tokens and {n} dense cells",
+                self.plan.tokens.len()
+            )));
+        }
+        let layer = self.layer(il)?;
+        let d = &layer.desc;
+        let list = &self.plan.lists[0];
+        let (rk, rv) = (d.n_head_kv * d.dk, d.n_head_kv * d.dv);
+        let nth = nth.max(1);
+        for j in n_kv * ith / nth..n_kv * (ith + 1) / nth {
+            // SAFETY: row j of each, this thread's (caller's contract).
+            let (kr, vr) = unsafe { (std::slice::from_raw_parts_mut(k.add(j * rk), rk), std::slice::from_raw_parts_mut(v.add(j * rv), rv)) };
+            match list.get(j) {
+                Some(&(_, c)) => {
+                    for h in 0..d.n_head_kv {
+                        // SAFETY: stored before this op, not written during it.
+                        kr[h * d.dk..(h + 1) * d.dk].copy_from_slice(unsafe { layer.keys.exact_row(c as usize, h) });
+                    }
+                    // SAFETY: the same.
+                    vr.copy_from_slice(unsafe { &layer.vals.row(c as usize)[..rv] });
+                }
+                None => {
+                    kr.fill(half::f16::ZERO);
+                    vr.fill(half::f16::ZERO);
+                }
+            }
+        }
+        for t in n_tokens * ith / nth..n_tokens * (ith + 1) / nth {
+            let pos = self.plan.tokens[t].0;
+            // SAFETY: token t's mask row, this thread's.
+            let row = unsafe { std::slice::from_raw_parts_mut(mask.add(t * n_kv), n_kv) };
+            for (j, m) in row.iter_mut().enumerate() {
+                let seen = list.get(j).is_some_and(|&(p, _)| !causal || p <= pos);
+                *m = if seen { half::f16::ZERO } else { half::f16::NEG_INFINITY };
+            }
+        }
+        Ok(())
+    }
+
     /// The prompt path of `attend`: runs of up to BLOCK_TOKENS consecutive tokens of one
     /// sequence list form a block; work items are (block, KV head), dealt out round-robin so
     /// that the threads share the long causal rows of the last blocks.

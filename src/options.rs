@@ -114,6 +114,17 @@ pub enum Prefill {
     Anchor(usize),
 }
 
+/// Who computes attention in the exact mode (keys=f16, tau=1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExactAttn {
+    /// llama.cpp's own flash-attention op over a dense copy of the sequence's cells that hc
+    /// fills each step: stock's kernel on stock's layout, so answers identical to the stock
+    /// cache's (full-attention layers of one sequence per ubatch; otherwise hc's kernels)
+    Ggml,
+    /// hc's exact kernels over its own storage (no copy; equal to stock up to f32 rounding)
+    Hc,
+}
+
 /// Where the fast tier (the key codes, their scoring and the selection) lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -142,6 +153,7 @@ pub struct Options {
     pub codebook: CodebookSource,
     pub values: Values,
     pub device: Device,
+    pub exact_attn: ExactAttn,
 }
 
 impl Default for Options {
@@ -159,6 +171,7 @@ impl Default for Options {
             codebook: CodebookSource::Online,
             values: Values::Host,
             device: Device::Cpu,
+            exact_attn: ExactAttn::Ggml,
         }
     }
 }
@@ -181,6 +194,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ("values", "host", "host, file:DIR", "values in host memory, or in a memory-mapped file in DIR (created, and removed at once, by the context)"),
     ("recent", "0", "0 or more", "the last N tokens keep exact keys"),
     ("sink", "0", "0 or more", "the first N tokens keep exact keys"),
+    ("exact_attn", "ggml", "ggml, hc", "in the exact mode (keys=f16, tau=1), who attends: llama.cpp's own flash-attention op over a dense copy of the sequence's cells (answers identical to the stock cache's), or hc's exact kernels (no copy, equal up to f32 rounding)"),
     ("device", "cpu", "cpu, cuda, cuda:N", "where the key codes are kept, scored and selected: host memory, or CUDA device N (0 for `cuda`); values stay in the host tier. Needs a build with `--features cuda` and keys=pq; otherwise the CPU tier is used and the log says why"),
 ];
 
@@ -195,7 +209,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("50", "keys=f16,tau=0.9"),
     ("25", "keys=pq,pq_dim=2,pq_centroids=8192,tau=0.9"),
     ("12.5", "keys=pq,pq_dim=4,pq_centroids=8192,tau=0.9"),
-    ("cpu25", "keys=pq,pq_dim=1,pq_centroids=256,tau=0.9,renorm=1"),
+    ("cpu25", "keys=pq,pq_dim=1,pq_centroids=256,tau=0.95,renorm=1"),
     ("cpu12.5", "keys=pq,pq_dim=1,pq_centroids=16,codebook_scope=group,tau=0.9,sink=4,recent=16,renorm=1"),
 ];
 
@@ -340,6 +354,13 @@ impl Options {
                             Some(Ok(n)) => Device::Cuda(n),
                             _ => return Err(bad(key, format!("unknown value '{value}'; accepted: cpu, cuda, cuda:N"))),
                         },
+                    }
+                }
+                "exact_attn" => {
+                    o.exact_attn = match value {
+                        "ggml" => ExactAttn::Ggml,
+                        "hc" => ExactAttn::Hc,
+                        _ => return Err(bad(key, format!("unknown value '{value}'; accepted: ggml, hc"))),
                     }
                 }
                 "recent" => o.recent = parse_usize(key, value, "0 or more")?,

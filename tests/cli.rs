@@ -67,14 +67,17 @@ fn perplexity(extra: &[&str]) -> f64 {
     line.split("PPL =").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// hc's default (exact mode, stock's flash attention over hc's dense view) gives stock's
+/// perplexity exactly. (hc's own exact kernels, `exact_attn=hc`, are held to stock's own
+/// rounding spread in tests/real_model.rs instead: on this 4-bit model a different summation
+/// order moves the perplexity by up to 0.2% either way.)
 #[test]
-fn llama_perplexity_with_hc_equals_stock_within_0_1_percent() {
+fn llama_perplexity_with_hc_equals_stock() {
     let stock = perplexity(&[]);
     let hc = perplexity(&["--kv-backend", "hc"]);
-    let rel = (hc - stock).abs() / stock;
-    eprintln!("perplexity: stock {stock:.4}, hc {hc:.4}, relative difference {rel:.2e}");
+    eprintln!("perplexity: stock {stock:.4}, hc {hc:.4}");
     assert!(stock.is_finite() && stock > 1.0);
-    assert!(rel < 1e-3, "perplexity differs by {:.3}% (stock {stock}, hc {hc})", rel * 100.0);
+    assert_eq!(hc, stock, "hc's exact mode gives another perplexity than stock");
 }
 
 /// Run llama-completion on a generated model with the given hc arguments; it must fail with a

@@ -3,7 +3,8 @@
 //! streaming and not, some cancelled mid-stream, some too long (refused), plus slot save and
 //! restore through the server's endpoints. Every request is answered completely or cleanly
 //! refused, the server stays up, and its resident memory is flat after warm-up. In exact mode,
-//! greedy answers equal the stock server's up to near-ties, where stock's own two attention
+//! greedy answers (tokens and log-probabilities) equal the stock server's bit for bit; with
+//! hc's own exact kernels (`exact_attn=hc`), up to near-ties, where stock's own two attention
 //! paths part as well. Loopback only.
 
 mod common;
@@ -287,8 +288,8 @@ fn answer_with_margins(s: &Server, prompt: &str, n: usize) -> (Vec<i64>, Vec<f64
     (ids, margins)
 }
 
-/// Margin (nats between stock's first and second choice) below which stock and hc's exact mode
-/// may pick differently. hc's exact attention rounds differently from stock's flash attention,
+/// Margin (nats between stock's first and second choice) below which stock and hc's exact
+/// kernels (`exact_attn=hc`) may pick differently. They round differently from stock's flash attention,
 /// as stock's own non-flash path does, by the same amount (tests/real_model.rs). Measured on
 /// these 12 requests: hc parted from stock 4 times, at margins 0.014 to 0.338; stock without
 /// flash attention parted 5 times, at 0.047 to 0.241.
@@ -306,7 +307,9 @@ fn exact_mode_answers_equal_the_stock_servers() {
     };
     let stock = answers(&["--no-kv-unified", "-fa", "on"]);
     let stock_no_fa = answers(&["--no-kv-unified", "-fa", "off"]);
-    let hc = answers(&["--no-kv-unified", "--kv-backend", "hc", "--kv-backend-opts", "keys=f16,tau=1"]);
+    // the exact mode as it runs by default: stock's flash attention over hc's dense view
+    let dense = answers(&["--no-kv-unified", "--kv-backend", "hc", "--kv-backend-opts", "preset=exact"]);
+    let hc = answers(&["--no-kv-unified", "--kv-backend", "hc", "--kv-backend-opts", "keys=f16,tau=1,exact_attn=hc"]);
     // (identical answers, stock's margins where the other parted from it)
     let parted = |other: &[(Vec<i64>, Vec<f64>)]| {
         let mut identical = 0;
@@ -320,6 +323,10 @@ fn exact_mode_answers_equal_the_stock_servers() {
         }
         (identical, at)
     };
+    let (same_dense, at_dense) = parted(&dense);
+    eprintln!("hc exact (dense view): {same_dense} of {} identical to stock, parted at margins {at_dense:?}", stock.len());
+    // every token and every top-2 log-probability, for every request
+    assert_eq!(dense, stock, "the exact mode's answers (tokens and log-probabilities) differ from the stock server's");
     let (same_hc, at_hc) = parted(&hc);
     let (same_no_fa, at_no_fa) = parted(&stock_no_fa);
     eprintln!("hc exact: {same_hc} of {} identical to stock, parted at margins {at_hc:?}; stock without flash attention: {same_no_fa}, parted at {at_no_fa:?}", stock.len());

@@ -75,7 +75,13 @@ pub fn text() -> String {
 }
 
 /// `base` with the hc backend in exact mode.
+/// hc's exact mode with hc's own exact kernels (equal to stock up to f32 rounding).
 pub fn with_hc(base: &ContextOptions) -> ContextOptions {
+    ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some("keys=f16,tau=1,exact_attn=hc".into()), ..base.clone() }
+}
+
+/// hc's exact mode as it runs by default: llama.cpp's flash attention over hc's dense view.
+pub fn with_hc_dense(base: &ContextOptions) -> ContextOptions {
     ContextOptions { kv_backend: Some("hc".into()), kv_backend_opts: Some("keys=f16,tau=1".into()), ..base.clone() }
 }
 

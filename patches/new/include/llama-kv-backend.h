@@ -36,7 +36,7 @@ extern "C" {
 #endif
 
 // Bumped on any incompatible change of the structs or the table below.
-#define LLAMA_KV_BACKEND_API_VERSION 1
+#define LLAMA_KV_BACKEND_API_VERSION 2
 
 // Name of the symbol a plugin library exports; its type is llama_kv_backend_init_fn.
 #define LLAMA_KV_BACKEND_INIT_SYMBOL "llama_kv_backend_init"
@@ -173,6 +173,20 @@ struct llama_kv_backend_iface {
     // Restore what state_write wrote; with seq >= 0 the sequence's cells go to `seq`, whatever
     // sequence they were saved from. On failure the cache is left empty for that sequence.
     bool    (*state_read) (void * be, int32_t seq, uint32_t flags, llama_kv_read_fn read, void * io);
+
+    // (optional; NULL: never) Exact attention computed by llama.cpp's own flash-attention op, for
+    // answers identical to the stock cache's: the number of cells the backend lays out densely for
+    // layer il and the applied ubatch (its sequence's cells in position order, as a stock stream
+    // holds them), or 0 when the backend computes the layer's attention itself with `attend`.
+    // llama.cpp pads the count as stock pads its view and calls dense_fill instead of attend.
+    uint32_t (*dense_cells)(void * be, int32_t il);
+    // Fill layer il's dense view for the applied ubatch of n_tokens tokens (f16 bits): K rows
+    // [n_kv][n_head_kv][n_embd_head_k], V rows [n_kv][n_head_kv][n_embd_head_v] (rows from dense_cells on
+    // are zero) and the mask [n_tokens][n_kv] (0 where the token sees the cell, causal or not, -inf
+    // elsewhere). Runs after `store` of the same layer and ubatch, on every graph thread; each thread
+    // fills its own share. Errors as for store.
+    int32_t (*dense_fill)(void * be, int32_t il, bool causal, uint32_t n_tokens, uint32_t n_kv,
+                          uint16_t * k, uint16_t * v, uint16_t * mask, int32_t ith, int32_t nth);
 };
 
 typedef const struct llama_kv_backend_iface * (*llama_kv_backend_init_fn)(void);

@@ -75,6 +75,10 @@ static bool kv_ext_check_iface(const llama_kv_backend_iface * iface, std::string
             return false;
         }
     }
+    if ((iface->dense_cells == nullptr) != (iface->dense_fill == nullptr)) {
+        err = "the backend's function table has dense_cells or dense_fill without the other";
+        return false;
+    }
     return true;
 }
 
@@ -326,6 +330,7 @@ llama_kv_ext::llama_kv_ext(const llama_model & model, const llama_cparams & cpar
         throw std::runtime_error(std::string("KV backend '") + iface->name + "': " + (err[0] ? err : "creation failed"));
     }
     n_cells = cfg.n_ctx;
+    n_ctx_seq = cfg.n_ctx_seq;
     LLAMA_LOG_INFO("%s: KV backend '%s' serves %d layers, %u cells (%u per sequence, %u sequences%s), options '%s'\n",
             __func__, iface->name, cfg.n_layer_kv, cfg.n_ctx, cfg.n_ctx_seq, cfg.n_seq_max,
             cfg.kv_unified ? ", unified" : "", opts.c_str());
@@ -609,6 +614,18 @@ llama_kv_ext * llama_kv_ext_of(const llama_memory_context_i * mctx) {
     return c ? c->ext : nullptr;
 }
 
+uint32_t llama_kv_ext::dense_n_kv(int32_t il) const {
+    const uint32_t n = iface->dense_cells ? iface->dense_cells(be, il) : 0;
+    if (n == 0) {
+        return 0;
+    }
+    // stock's view: every cell of the stream up to the last used one, padded to 256 and capped
+    // at the stream's size; the same n_kv puts every cell in the same chunk and tile of the
+    // flash-attention kernel as stock's cache does
+    const uint32_t n_pad = 256;
+    return std::min(n_ctx_seq, std::max(n_pad, GGML_PAD(n, n_pad)));
+}
+
 void llama_kv_ext_refuse(const llama_memory_context_i * mctx, const char * what) {
     if (llama_kv_ext_of(mctx)) {
         throw std::runtime_error(std::string("this model's attention (") + what + ") cannot be served by an external KV backend");
@@ -660,6 +677,24 @@ static void kv_ext_attend_op(ggml_tensor * dst, int ith, int nth, void * userdat
     }
 }
 
+// src: the store op's output (ordering only). dst: the dense view, F16: K rows, V rows, mask.
+static void kv_ext_dense_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto * p = (const llama_kv_ext_op_params *) userdata;
+    const llama_kv_layer_desc * d = p->ext->layer(p->il);
+    uint16_t * k = (uint16_t *) dst->data;
+    uint16_t * v = k + (size_t) p->n_kv * d->n_head_kv * d->n_embd_head_k;
+    uint16_t * mask = v + (size_t) p->n_kv * d->n_head_kv * d->n_embd_head_v;
+    if (p->ext->iface->dense_fill(p->ext->be, p->il, p->causal, p->n_tokens, p->n_kv, k, v, mask, ith, nth) != LLAMA_KV_OK) {
+        // never hand garbage to the rest of the graph: every cell hidden
+        const size_t n = (size_t) p->n_kv * p->n_tokens;
+        const uint16_t neg_inf = 0xFC00;
+        for (size_t i = n * ith / nth; i < n * (ith + 1) / nth; ++i) {
+            mask[i] = neg_inf;
+        }
+        p->ext->op_failed();
+    }
+}
+
 static ggml_tensor * kv_ext_f32_rows(ggml_context * ctx, ggml_tensor * t) {
     if (t->type != GGML_TYPE_F32) {
         t = ggml_cast(ctx, t, GGML_TYPE_F32);
@@ -698,6 +733,7 @@ ggml_tensor * llama_kv_ext_graph::build(ggml_context * ctx, ggml_backend_sched_t
     ggml_tensor * q = kv_ext_f32_rows(ctx, q_cur);
     ggml_tensor * k = kv_ext_f32_rows(ctx, k_cur);
     ggml_tensor * v = kv_ext_f32_rows(ctx, v_cur);
+    ggml_tensor * sinks_in = sinks;
     if (sinks) {
         sinks = kv_ext_f32_rows(ctx, sinks);
         if (!ggml_is_contiguous(sinks)) {
@@ -717,6 +753,44 @@ ggml_tensor * llama_kv_ext_graph::build(ggml_context * ctx, ggml_backend_sched_t
                                           kv_ext_store_op, GGML_N_TASKS_MAX, p.get());
     ggml_format_name(stored, "kv_ext_store-%d", il);
 
+    // exact attention by stock's own op over a dense view the backend fills: the same kernel,
+    // the same cells in the same order, the same mask, so the same rounding as stock's cache
+    // (ALiBi needs a mask of distances, which the backend does not write)
+    const uint32_t n_kv = hparams.f_max_alibi_bias > 0.0f ? 0 : ext->dense_n_kv(il);
+    if (n_kv > 0) {
+        const int64_t n_tokens = q_cur->ne[2];
+        const int64_t dk = d->n_embd_head_k, dv = d->n_embd_head_v, nh = d->n_head_kv;
+        p->n_kv = n_kv;
+        p->n_tokens = (uint32_t) n_tokens;
+        const int64_t nk = dk * nh * n_kv, nv = dv * nh * n_kv;
+        ggml_tensor * dense_args[1] = { stored };
+        ggml_tensor * dense = ggml_custom_4d(ctx, GGML_TYPE_F16, nk + nv + n_kv * n_tokens, 1, 1, 1, dense_args, 1,
+                                             kv_ext_dense_op, GGML_N_TASKS_MAX, p.get());
+        ggml_format_name(dense, "kv_ext_dense-%d", il);
+        const size_t h = ggml_type_size(GGML_TYPE_F16);
+        ggml_tensor * kd = ggml_view_3d(ctx, dense, dk, nh, n_kv, dk * h, dk * nh * h, 0);
+        ggml_tensor * vd = ggml_view_3d(ctx, dense, dv, nh, n_kv, dv * h, dv * nh * h, nk * h);
+        ggml_tensor * mask = ggml_view_4d(ctx, dense, n_kv, n_tokens, 1, 1, n_kv * h, n_kv * n_tokens * h,
+                                          n_kv * n_tokens * h, (nk + nv) * h);
+        // as build_attn_mha with flash attention, for one stream
+        ggml_tensor * qp = ggml_permute(ctx, q_cur, 0, 2, 1, 3);
+        kd = ggml_permute(ctx, kd, 0, 2, 1, 3);
+        vd = ggml_permute(ctx, vd, 0, 2, 1, 3);
+        ggml_tensor * cur = ggml_flash_attn_ext(ctx, qp, kd, vd, mask, kq_scale, hparams.f_max_alibi_bias,
+                                                hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f);
+        ggml_flash_attn_ext_add_sinks(cur, sinks_in);
+        ggml_flash_attn_ext_set_n_kv_max(cur, 0);
+        ggml_prec_set_acc(cur, GGML_PREC_F32);
+        cur = ggml_reshape_2d(ctx, cur, cur->ne[0] * cur->ne[1], cur->ne[2] * cur->ne[3]);
+        if (backend_cpu) {
+            ggml_backend_sched_set_tensor_backend(sched, stored, backend_cpu);
+            ggml_backend_sched_set_tensor_backend(sched, dense, backend_cpu);
+        }
+        dense_views.emplace_back(il, n_kv);
+        ops.push_back(std::move(p));
+        return cur;
+    }
+
     ggml_tensor * attend_args[5] = { q, k, v, stored, sinks };
     ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0] * q->ne[1], q->ne[2], 1, 1,
                                        attend_args, sinks ? 5 : 4, kv_ext_attend_op, GGML_N_TASKS_MAX, p.get());
@@ -732,7 +806,16 @@ ggml_tensor * llama_kv_ext_graph::build(ggml_context * ctx, ggml_backend_sched_t
 }
 
 bool llama_kv_ext_graph::can_reuse(const llm_graph_params & params) const {
-    return llama_kv_ext_of(params.mctx) == ext && params.cparams.causal_attn == causal;
+    if (llama_kv_ext_of(params.mctx) != ext || params.cparams.causal_attn != causal) {
+        return false;
+    }
+    // called after apply(): the dense views of this ubatch must have the built shapes
+    for (const auto & [il, n_kv] : dense_views) {
+        if (ext->dense_n_kv(il) != n_kv) {
+            return false;
+        }
+    }
+    return true;
 }
 
 llm_graph_input_attn_ext::llm_graph_input_attn_ext(const llama_hparams & hparams, const llama_cparams & cparams, llama_kv_ext * ext) :

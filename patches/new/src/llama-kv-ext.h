@@ -59,6 +59,10 @@ public:
     // called by the graph ops on failure: the next batch fails with this message
     void op_failed() const;
 
+    // cells of layer il's dense view for the applied ubatch, padded as stock pads its view
+    // (llama_kv_cache::get_n_kv), or 0 when the backend attends itself
+    uint32_t dense_n_kv(int32_t il) const;
+
     const llama_kv_backend_iface * iface;
     void * be = nullptr;
 
@@ -66,6 +70,7 @@ private:
     std::vector<llama_kv_layer_desc> layers;
     std::vector<std::string> layer_devices;
     uint32_t n_cells = 0;
+    uint32_t n_ctx_seq = 0; // cells of one stock stream, the cap of its view
     mutable std::atomic<bool> op_error{false};
 
     std::string last_error() const;
@@ -100,6 +105,9 @@ struct llama_kv_ext_op_params {
     float kq_scale;
     float softcap;
     bool causal;
+    // dense view (see dense_cells): its cells and the ubatch's tokens; 0 when not used
+    uint32_t n_kv = 0;
+    uint32_t n_tokens = 0;
 };
 
 // Graph-side state shared by the plain and the iSWA input.
@@ -108,9 +116,13 @@ struct llama_kv_ext_graph {
     bool causal = true;
     bool training = false;
     std::vector<std::unique_ptr<llama_kv_ext_op_params>> ops;
+    // (layer, n_kv) of each dense view the graph was built with: a graph is reused only while
+    // they stay the same
+    std::vector<std::pair<int32_t, uint32_t>> dense_views;
 
     // Store this ubatch's K/V, then attend: two custom ops chained so that ggml's barrier
-    // between nodes separates the writes of the store from the reads of the attention.
+    // between nodes separates the writes of the store from the reads of the attention. With a
+    // dense view, the second op fills it and ggml's flash attention attends, as in stock's graph.
     // Returns [n_embd_head_v * n_head, n_tokens] F32.
     ggml_tensor * build(ggml_context * ctx, ggml_backend_sched_t sched, ggml_backend_t backend_cpu,
                         const llama_hparams & hparams,
