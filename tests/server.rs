@@ -327,6 +327,10 @@ fn exact_mode_answers_equal_the_stock_servers() {
     eprintln!("hc exact (dense view): {same_dense} of {} identical to stock, parted at margins {at_dense:?}", stock.len());
     // every token and every top-2 log-probability, for every request
     assert_eq!(dense, stock, "the exact mode's answers (tokens and log-probabilities) differ from the stock server's");
+    // the same with a unified cache on both sides
+    let stock_unified = answers(&["--kv-unified", "-fa", "on"]);
+    let dense_unified = answers(&["--kv-unified", "--kv-backend", "hc", "--kv-backend-opts", "preset=exact"]);
+    assert_eq!(dense_unified, stock_unified, "with --kv-unified, the exact mode's answers differ from the stock server's");
     let (same_hc, at_hc) = parted(&hc);
     let (same_no_fa, at_no_fa) = parted(&stock_no_fa);
     eprintln!("hc exact: {same_hc} of {} identical to stock, parted at margins {at_hc:?}; stock without flash attention: {same_no_fa}, parted at {at_no_fa:?}", stock.len());
