@@ -757,6 +757,7 @@ ggml_tensor * llama_kv_ext_graph::build(ggml_context * ctx, ggml_backend_sched_t
     // the same cells in the same order, the same mask, so the same rounding as stock's cache
     // (ALiBi needs a mask of distances, which the backend does not write)
     const uint32_t n_kv = hparams.f_max_alibi_bias > 0.0f ? 0 : ext->dense_n_kv(il);
+    dense_views.emplace_back(il, n_kv);
     if (n_kv > 0) {
         const int64_t n_tokens = q_cur->ne[2];
         const int64_t dk = d->n_embd_head_k, dv = d->n_embd_head_v, nh = d->n_head_kv;
@@ -786,7 +787,6 @@ ggml_tensor * llama_kv_ext_graph::build(ggml_context * ctx, ggml_backend_sched_t
             ggml_backend_sched_set_tensor_backend(sched, stored, backend_cpu);
             ggml_backend_sched_set_tensor_backend(sched, dense, backend_cpu);
         }
-        dense_views.emplace_back(il, n_kv);
         ops.push_back(std::move(p));
         return cur;
     }
@@ -809,7 +809,8 @@ bool llama_kv_ext_graph::can_reuse(const llm_graph_params & params) const {
     if (llama_kv_ext_of(params.mctx) != ext || params.cparams.causal_attn != causal) {
         return false;
     }
-    // called after apply(): the dense views of this ubatch must have the built shapes
+    // called after apply(): each layer's dense view (or none) must be what the graph was built
+    // with, so that a graph with hc's attend op does not serve a ubatch that gets a view
     for (const auto & [il, n_kv] : dense_views) {
         if (ext->dense_n_kv(il) != n_kv) {
             return false;

@@ -116,8 +116,8 @@ struct llama_kv_ext_graph {
     bool causal = true;
     bool training = false;
     std::vector<std::unique_ptr<llama_kv_ext_op_params>> ops;
-    // (layer, n_kv) of each dense view the graph was built with: a graph is reused only while
-    // they stay the same
+    // (layer, n_kv of its dense view, 0 for none) as the graph was built: a graph is reused only
+    // while they stay the same
     std::vector<std::pair<int32_t, uint32_t>> dense_views;
 
     // Store this ubatch's K/V, then attend: two custom ops chained so that ggml's barrier
