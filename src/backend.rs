@@ -143,6 +143,9 @@ struct Shared {
 // by thread 0 only, before the barrier, and read by all only after it.
 unsafe impl Sync for Shared {}
 
+/// Exact cells (summed over the layers) above which `settle` encodes the layers in parallel.
+const PARALLEL_SETTLE_CELLS: usize = 4096;
+
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
@@ -336,8 +339,18 @@ impl Backend {
         let mut fitted = 0;
         let mut note = String::new();
         let t0 = std::time::Instant::now();
-        for l in &mut self.layers {
-            if let Some(n) = l.keys.settle(keep)? {
+        // a prompt's worth of keys (the first generation step after prefill=exact, or an
+        // online fit) is encoded one layer per worker: it stalls that step by up to a second at
+        // 8192 tokens on one thread. A step's token or two stay on this thread, where waking
+        // workers would cost more than the work.
+        let notes: Vec<Result<Option<String>>> = if self.layers.iter().map(|l| l.keys.exact_cells()).sum::<usize>() > PARALLEL_SETTLE_CELLS {
+            use rayon::prelude::*;
+            self.layers.par_iter_mut().map(|l| l.keys.settle(&keep)).collect()
+        } else {
+            self.layers.iter_mut().map(|l| l.keys.settle(&keep)).collect()
+        };
+        for n in notes {
+            if let Some(n) = n? {
                 fitted += 1;
                 note = n;
             }

@@ -16,7 +16,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::attention::dot;
-use crate::codebook::{Codebook, KMeans, ScalarCuts, ScalarFit};
+use crate::codebook::{Codebook, CutTable, KMeans, ScalarFit};
 use crate::error::{filled, Error, Result};
 use crate::options::{code_bits, KeyCodec, Scope};
 use crate::scan;
@@ -376,10 +376,11 @@ impl KeyStore {
             return Ok(note);
         }
         let mut buf = vec![0f32; self.n_head_kv * self.dk];
+        let mut codes_buf = vec![0u8; buf.len()];
         // a prompt's worth of scalars to encode: compare with midpoints, not every centroid
         // (not worth building for the token or two of a generation step)
         let cuts = match &self.coded {
-            Coded::Pq { dim: 1, books, .. } if exact.len() > 64 => books.iter().map(|b| ScalarCuts::new(b)).collect::<Option<Vec<_>>>(),
+            Coded::Pq { dim: 1, books, .. } if exact.len() > 64 && (books.len() == 1 || books.len() == self.dk) => CutTable::new(books),
             _ => None,
         };
         for c in exact {
@@ -387,7 +388,7 @@ impl KeyStore {
                 continue;
             }
             self.slab.row_mut(c).convert_to_f32_slice(&mut buf);
-            self.encode(c, &buf, cuts.as_deref());
+            self.encode(c, &buf, cuts.as_ref().map(|t| (t, &mut codes_buf[..])));
             self.slab.release(c);
         }
         self.slab.compact();
@@ -395,25 +396,27 @@ impl KeyStore {
     }
 
     /// Codes of one cell's keys; `cuts`, for 1-dim books, finds them through the books'
-    /// midpoints (see [`ScalarCuts`]).
-    fn encode(&mut self, cell: usize, keys: &[f32], cuts: Option<&[ScalarCuts]>) {
+    /// midpoints (see [`CutTable`]).
+    fn encode(&mut self, cell: usize, keys: &[f32], cuts: Option<(&CutTable, &mut [u8])>) {
         let row = self.n_head_kv * self.dk;
         if let Some(f) = &mut self.fresh {
             f.push(cell as u32);
         }
         match &mut self.coded {
             Coded::None => {}
-            Coded::Pq { dim, books, codes, .. } => {
-                let per_head = self.dk / *dim;
-                let book = |i: usize| if books.len() == 1 { 0 } else { i % per_head };
-                for (i, x) in keys.chunks_exact(*dim).enumerate() {
-                    let code = match cuts {
-                        Some(cuts) => cuts[book(i)].code(x[0]),
-                        None => books[book(i)].nearest(x),
-                    };
-                    codes.set(cell, i, code);
+            Coded::Pq { dim, books, codes, .. } => match cuts {
+                Some((cuts, buf)) => {
+                    cuts.codes(keys, buf);
+                    buf.iter().enumerate().for_each(|(i, &code)| codes.set(cell, i, code as u32));
                 }
-            }
+                None => {
+                    let per_head = self.dk / *dim;
+                    let book = |i: usize| if books.len() == 1 { 0 } else { i % per_head };
+                    for (i, x) in keys.chunks_exact(*dim).enumerate() {
+                        codes.set(cell, i, books[book(i)].nearest(x));
+                    }
+                }
+            },
             Coded::Int { bits, group, codes, scale, zero } => {
                 let levels = ((1u32 << *bits) - 1) as f32;
                 let n_groups = row / *group;
