@@ -100,6 +100,43 @@ fn needle_is_found_by_stock_on_a_short_context() {
 }
 
 #[test]
+fn bench_fill_cache_fills_once_then_restores() {
+    let m = generated("llama");
+    let dir = tmp("fills");
+    let run = |reps: &str| {
+        let args = ["-m", m.to_str().unwrap(), "--depths", "0", "64", "--n-prompt", "16", "--n-gen", "3", "--reps", reps, "--configs", "f16", "cpu12.5", "--fill-cache", dir.to_str().unwrap()];
+        let out = tool("bench", &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let restored = |err: &str| err.lines().filter(|l| l.starts_with("bench: restored the fill of ")).count();
+    let first = run("1");
+    assert_eq!(restored(&first), 0, "{first}");
+    // one file per configuration at depth 64; depth 0 has nothing to keep
+    let files = || {
+        let mut f: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        f.sort();
+        f
+    };
+    let kept = files();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept.iter().all(|f| f.extension().is_some_and(|e| e == "state") && f.metadata().unwrap().len() > 0), "{kept:?}");
+    // two reps take turns (stock, cpu12.5, stock, cpu12.5), each restoring its own fill
+    let second = run("2");
+    assert_eq!(restored(&second), 4, "{second}");
+    assert!(second.contains("restored the fill of stock f16 at depth 64") && second.contains("restored the fill of hc preset=cpu12.5 at depth 64"), "{second}");
+    let runs: Vec<&str> = second.lines().filter(|l| l.starts_with("bench: run ") && l.contains("at depth 64")).collect();
+    assert!(runs.len() == 4 && runs[0].contains("stock f16") && runs[1].contains("cpu12.5") && runs[2].contains("stock f16"), "{runs:?}");
+    assert_eq!(files(), kept, "nothing written when every fill is kept");
+    // a damaged fill is an error that names the file, not a silent refill or a crash
+    std::fs::write(&kept[0], b"not a state").unwrap();
+    let out = tool("bench", &["-m", m.to_str().unwrap(), "--depths", "64", "--n-prompt", "16", "--n-gen", "3", "--configs", "f16", "cpu12.5", "--fill-cache", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("restoring the fill") && err.contains(kept[0].file_name().unwrap().to_str().unwrap()), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bench_reports_ratios_to_stock_at_each_depth() {
     let m = generated("llama");
     let json = tmp("b.json");

@@ -114,6 +114,10 @@ enum Cmd {
         /// model layers offloaded to the GPU (a CUDA build of llama.cpp; 0 = CPU)
         #[arg(long, default_value_t = 0)]
         ngl: i32,
+        /// keep each configuration's fill at each depth here (llama.cpp state files, about as
+        /// large as the cache) and restore it in later runs instead of filling again
+        #[arg(long)]
+        fill_cache: Option<PathBuf>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -275,11 +279,14 @@ fn run(cli: Cli) -> Result<()> {
             write_out(json.as_deref(), &serde_json::to_string_pretty(&cells)?)?;
             write_out(svg.as_deref(), &needle::svg(&cells, &a))?;
         }
-        Cmd::Bench { model, depths, n_prompt, n_gen, reps, configs, threads, ngl, json } => {
+        Cmd::Bench { model, depths, n_prompt, n_gen, reps, configs, threads, ngl, fill_cache, json } => {
             use hcattn::tools::{bench, compare};
             let configs = configs.iter().map(|c| compare::Config::parse(c)).collect::<Result<Vec<_>>>()?;
+            // the fill cache's files are keyed by the model file (path and size) among others
+            let path = default_model(model.clone())?;
+            let model_id = format!("{}|{}", path.display(), std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0));
             let (m, tokens) = load_with_text_ngl(model, None, 4096, ngl)?;
-            let a = bench::Args { depths, n_prompt, n_gen, reps, threads: threads.unwrap_or_else(default_threads) };
+            let a = bench::Args { depths, n_prompt, n_gen, reps, threads: threads.unwrap_or_else(default_threads), fill_cache, model_id };
             let rows = bench::run(&m, &tokens, &configs, &a, |r| {
                 eprintln!("  {:40} depth {:6}: prefill {:.2}x, decode {:.2}x", r.config, r.depth, r.prefill_ratio, r.decode_ratio)
             })?;

@@ -5,10 +5,17 @@
 //! `n_prompt` tokens are prefilled in one batch (timed: prefill), then `n_gen` tokens are decoded
 //! one at a time (timed from the second step: the first one also encodes a prompt kept exact by
 //! prefill=exact, a one-time cost that belongs to the prompt).
+//!
+//! With `--reps`, the configurations take turns (stock, then each, then again), so that a
+//! noisy machine slows them alike, and each keeps its best. With `--fill-cache DIR`, a
+//! configuration's fill at a depth is saved to DIR the first time (llama.cpp's state file of
+//! the context) and restored after that: at 32768 tokens the fill takes most of an hour on 2
+//! cores, the timed part seconds.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
 use super::compare::Config;
@@ -21,6 +28,10 @@ pub struct Args {
     pub n_gen: usize,
     pub reps: usize,
     pub threads: i32,
+    /// where fills are kept between runs (None: every run fills)
+    pub fill_cache: Option<PathBuf>,
+    /// names the model in the fill cache's keys (its path and size, say)
+    pub model_id: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,7 +49,20 @@ pub struct Row {
     pub fast_bytes_per_token: f64,
 }
 
-fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOptions) -> Result<(f64, f64, Option<f64>)> {
+/// FNV-1a, for the fill cache's file names.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The fill cache's file for this model, configuration, depth, context size and text.
+fn fill_file(dir: &Path, a: &Args, config: &Config, tokens: &[i32], depth: usize, o: &ContextOptions) -> PathBuf {
+    let mut h = fnv(0xcbf2_9ce4_8422_2325, a.model_id.as_bytes());
+    h = fnv(h, format!("{config:?}|{depth}|{}|{}|{}", o.n_ctx, o.n_ubatch, tokens.len()).as_bytes());
+    h = tokens.iter().fold(h, |h, t| fnv(h, &t.to_le_bytes()));
+    dir.join(format!("fill-{depth}-{h:016x}.state"))
+}
+
+fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, config: &Config, o: &ContextOptions) -> Result<(f64, f64, Option<f64>)> {
     let mut ctx = Context::new(model, o)?;
     let tok = |i: usize| tokens[i % tokens.len()];
     let feed = |ctx: &mut Context, from: usize, n: usize| -> Result<()> {
@@ -55,7 +79,24 @@ fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, o: &ContextOption
         }
         Ok(())
     };
-    feed(&mut ctx, 0, depth)?;
+    match a.fill_cache.as_deref().filter(|_| depth > 0) {
+        Some(dir) => {
+            let file = fill_file(dir, a, config, tokens, depth, o);
+            if file.exists() {
+                let data = std::fs::read(&file).with_context(|| format!("reading the fill {}", file.display()))?;
+                ctx.load_state(&data).with_context(|| format!("restoring the fill {} (delete it to fill again)", file.display()))?;
+                eprintln!("bench: restored the fill of {} at depth {depth} from {}", config.name, file.display());
+            } else {
+                feed(&mut ctx, 0, depth)?;
+                std::fs::create_dir_all(dir).with_context(|| format!("creating the fill cache {}", dir.display()))?;
+                // written aside and renamed, so that an interrupted run leaves no partial file
+                let part = file.with_extension("part");
+                std::fs::write(&part, ctx.save_state()?).with_context(|| format!("writing the fill {}", part.display()))?;
+                std::fs::rename(&part, &file).with_context(|| format!("renaming {} to {}", part.display(), file.display()))?;
+            }
+        }
+        None => feed(&mut ctx, 0, depth)?,
+    }
     let t0 = Instant::now();
     feed(&mut ctx, depth, a.n_prompt)?;
     let prefill = a.n_prompt as f64 / t0.elapsed().as_secs_f64();
@@ -100,22 +141,23 @@ pub fn run(model: &Model, tokens: &[i32], configs: &[Config], a: &Args, mut repo
             n_threads: a.threads,
             ..Default::default()
         };
-        let best = |c: &Config| -> Result<(f64, f64, Option<f64>)> {
-            let mut b = (0.0f64, 0.0f64, None);
-            for _ in 0..a.reps {
+        // the configurations take turns, each rep running stock and then every other one
+        let others: Vec<&Config> = configs.iter().filter(|c| **c != f16).collect();
+        let mut best = vec![(0.0f64, 0.0f64, None); others.len() + 1];
+        for _ in 0..a.reps {
+            for (c, b) in std::iter::once(&f16).chain(others.iter().copied()).zip(best.iter_mut()) {
                 if log_runs {
                     done.set(done.get() + 1);
                     eprintln!("bench: run {} of {}: {} at depth {depth} ({:.0} s so far)", done.get(), total, c.name, started.elapsed().as_secs_f64());
                 }
-                let (p, d, m) = once(model, tokens, depth, a, &c.context_options(&base))?;
-                b = (b.0.max(p), b.1.max(d), m);
+                let (p, d, m) = once(model, tokens, depth, a, c, &c.context_options(&base))?;
+                *b = (b.0.max(p), b.1.max(d), m);
                 bar.inc(1);
             }
-            Ok(b)
-        };
-        let reference = best(&f16)?;
+        }
+        let reference = best[0];
         for c in configs {
-            let (p, d, m) = if *c == f16 { reference } else { best(c)? };
+            let (p, d, m) = if *c == f16 { reference } else { best[1 + others.iter().position(|o| *o == c).expect("listed")] };
             let stock = |t: Option<&str>| {
                 let per_elem = match t {
                     Some("q8_0") => 34.0 / 32.0,
