@@ -254,15 +254,23 @@ pub fn select_and_sum<'a>(
     val: impl Fn(u32) -> &'a [f16],
     out: &mut [f32],
 ) {
-    let mass = match k_layer {
-        Some(k) => {
-            top.top_k_with(p, h, k, sel);
-            sel.iter().map(|&j| p[j as usize] as f64).sum::<f64>()
+    match k_layer {
+        Some(k) => top.top_k_with(p, h, k, sel),
+        None => {
+            top.select_with(p, h, a.tau, sel);
         }
-        None => top.select_with(p, h, a.tau, sel),
-    };
-    let w = if a.renorm && mass > 0.0 { (1.0 / mass) as f32 } else { 1.0 };
-    weighted_sum(p, sel, w, cells, val, out);
+    }
+    // as the union pass does it (`union_sum_with`): the plain weighted sum, then the mass
+    // summed in index order scales it, so that a head gives the same bits whether its sum runs
+    // alone or in its KV head's union pass (and so whatever the thread count)
+    weighted_sum(p, sel, 1.0, cells, val, out);
+    if a.renorm {
+        let mass = sel.iter().map(|&j| p[j as usize] as f64).sum::<f64>();
+        if mass > 0.0 {
+            let w = (1.0 / mass) as f32;
+            out.iter_mut().for_each(|x| *x *= w);
+        }
+    }
 }
 
 /// Most query heads whose value sums share one pass over their selections' union.
