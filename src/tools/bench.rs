@@ -87,6 +87,7 @@ fn once(model: &Model, tokens: &[i32], depth: usize, a: &Args, config: &Config, 
                 ctx.load_state(&data).with_context(|| format!("restoring the fill {} (delete it to fill again)", file.display()))?;
                 eprintln!("bench: restored the fill of {} at depth {depth} from {}", config.name, file.display());
             } else {
+                eprintln!("bench: filling {} to depth {depth}, to be kept in {}", config.name, file.display());
                 feed(&mut ctx, 0, depth)?;
                 std::fs::create_dir_all(dir).with_context(|| format!("creating the fill cache {}", dir.display()))?;
                 // written aside and renamed, so that an interrupted run leaves no partial file
