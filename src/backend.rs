@@ -345,9 +345,9 @@ impl Backend {
         // workers would cost more than the work.
         let notes: Vec<Result<Option<String>>> = if self.layers.iter().map(|l| l.keys.exact_cells()).sum::<usize>() > PARALLEL_SETTLE_CELLS {
             use rayon::prelude::*;
-            self.layers.par_iter_mut().map(|l| l.keys.settle(&keep)).collect()
+            self.layers.par_iter_mut().map(|l| l.keys.settle(keep)).collect()
         } else {
-            self.layers.iter_mut().map(|l| l.keys.settle(&keep)).collect()
+            self.layers.iter_mut().map(|l| l.keys.settle(keep)).collect()
         };
         for n in notes {
             if let Some(n) = n? {
