@@ -20,8 +20,13 @@ use crate::codebook::{Codebook, KMeans, ScalarCuts, ScalarFit};
 use crate::error::{filled, Error, Result};
 use crate::options::{code_bits, KeyCodec, Scope};
 use crate::scan;
+use crate::scan8;
 
 const NONE: u32 = u32::MAX;
+
+/// Coded cells of an 8-bit code block, among the next [`scan8::BLOCK`] cells to score, from
+/// which scanning the whole block costs less than summing each cell alone.
+const SCAN8_MIN_CELLS: usize = 8;
 
 /// Online books of sub-vectors (2 dims or more; 1-dim books get an exact fit, see
 /// [`ScalarFit`]) of at most this many centroids are fitted with SMALL_BOOK_BATCHES
@@ -136,20 +141,22 @@ pub struct Prep {
     tables: Vec<f32>,
     /// int: per query head, per channel group, the sum of the query's channels
     qsum: Vec<f32>,
-    /// 4-bit PQ: the tables quantized to u8 (see [`scan`]), per query head; with their bias
-    /// and step, and the sums of the block last scanned
+    /// 4-bit and 8-bit PQ: the tables quantized to u8 (see [`scan`] and [`scan8`]), per query
+    /// head; with their bias and step, and the sums of the block last scanned
     tab8: Vec<u8>,
     bias: Vec<f32>,
     step: Vec<f32>,
     sums: Vec<u16>,
     /// whether `tab8` is in use for the current query
     scan: bool,
+    /// 8-bit PQ: the kernel whose layout `tab8` has
+    kernel8: scan8::Kernel,
     exact: Vec<f32>,
 }
 
 /// PQ codes of every cell, `per` codes a cell: 4 bits each up to 16 centroids (in the blocked
-/// layout of [`crate::scan`]), one byte up to 256, two bytes above (what the memory report
-/// counts).
+/// layout of [`crate::scan`]), one byte up to 256 (in the blocked layout of [`crate::scan8`]),
+/// two bytes above (what the memory report counts).
 struct Codes {
     per: usize,
     data: CodeData,
@@ -166,7 +173,7 @@ impl Codes {
         const WHAT: &str = "the key codes (fast tier)";
         let data = match code_bits(centroids) {
             4 => CodeData::Nibble(filled(scan::bytes_for(n_cells, per), 0, WHAT)?),
-            8 => CodeData::Narrow(filled(n_cells * per, 0, WHAT)?),
+            8 => CodeData::Narrow(filled(scan8::bytes_for(n_cells, per), 0, WHAT)?),
             _ => CodeData::Wide(filled(n_cells * per, 0, WHAT)?),
         };
         Ok(Codes { per, data })
@@ -188,7 +195,7 @@ impl Codes {
                 let (b, shift) = scan::locate(cell, i, self.per);
                 ((v[b] >> shift) & 0x0f) as usize
             }
-            CodeData::Narrow(v) => v[cell * self.per + i] as usize,
+            CodeData::Narrow(v) => v[scan8::locate(cell, i, self.per)] as usize,
             CodeData::Wide(v) => v[cell * self.per + i] as usize,
         }
     }
@@ -200,7 +207,7 @@ impl Codes {
                 let (b, shift) = scan::locate(cell, i, self.per);
                 v[b] = (v[b] & !(0x0f << shift)) | ((code as u8 & 0x0f) << shift);
             }
-            CodeData::Narrow(v) => v[cell * self.per + i] = code as u8,
+            CodeData::Narrow(v) => v[scan8::locate(cell, i, self.per)] = code as u8,
             CodeData::Wide(v) => v[cell * self.per + i] = code as u16,
         }
     }
@@ -475,10 +482,10 @@ impl KeyStore {
     pub fn prepare(&self, q: &[f32], g: usize, prep: &mut Prep) {
         prep.q.clear();
         prep.q.extend_from_slice(&q[..g * self.dk]);
-        // set below for 4-bit codes only; a thread's scratch serves every layer and context
+        // set below for 4-bit and 8-bit codes only; a thread's scratch serves every layer and context
         prep.scan = false;
         match &self.coded {
-            Coded::Pq { books, dim, centroids, .. } if !books.is_empty() => {
+            Coded::Pq { books, dim, centroids, codes, .. } if !books.is_empty() => {
                 let gs = self.dk / dim;
                 let per = gs * centroids;
                 prep.tables.resize(g * per, 0.0);
@@ -501,8 +508,13 @@ impl KeyStore {
                         }
                     }
                 }
-                prep.scan = *centroids == 16 && gs <= scan::MAX_SUBVECTORS;
-                if prep.scan {
+                if matches!(codes.data, CodeData::Narrow(_)) && gs <= scan8::MAX_SUBVECTORS {
+                    prep.scan = true;
+                    prep.kernel8 = scan8::Kernel::chosen();
+                    scan8::quantize_tables(prep.kernel8, &prep.tables, *centroids, g, gs, &mut prep.tab8, &mut prep.bias, &mut prep.step);
+                    prep.sums.resize(g * scan8::BLOCK, 0);
+                } else if *centroids == 16 && gs <= scan::MAX_SUBVECTORS {
+                    prep.scan = true;
                     prep.tab8.resize(g * per, 0);
                     prep.bias.clear();
                     prep.step.clear();
@@ -536,13 +548,18 @@ impl KeyStore {
         let n = stride;
         let dk = self.dk;
         prep.exact.resize(dk, 0.0);
+        // the block whose sums prep.sums holds, and the 8-bit block last found not worth a scan
         let mut block = usize::MAX;
+        let mut sparse = usize::MAX;
         let mut j = 0;
         while j < cells.len() {
-            if prep.scan && self.scan_run(kvh, prep, g, cells, j, out, stride) {
-                j += scan::BLOCK;
-                block = usize::MAX; // prep.sums now holds that run's block
-                continue;
+            if prep.scan {
+                let done = self.scan_run(kvh, prep, g, cells, j, out, stride);
+                if done > 0 {
+                    j += done;
+                    block = usize::MAX; // prep.sums now holds that run's block
+                    continue;
+                }
             }
             let (at, c) = (j, cells[j].1 as usize);
             j += 1;
@@ -571,10 +588,34 @@ impl KeyStore {
                                 out[h * n + at] = prep.bias[h] + prep.step[h] * prep.sums[h * scan::BLOCK + c % scan::BLOCK] as f32;
                             }
                         }
-                        CodeData::Narrow(v) => {
-                            let span = c * codes.per + kvh * gs..c * codes.per + (kvh + 1) * gs;
+                        CodeData::Narrow(v) if prep.scan => {
+                            let b = c / scan8::BLOCK;
+                            if b != block && b != sparse {
+                                // scan the block when enough of its coded cells come next; the
+                                // sums are the same integers either way
+                                let ahead = &cells[at..(at + scan8::BLOCK).min(cells.len())];
+                                let used = ahead.iter().filter(|e| e.1 as usize / scan8::BLOCK == b && !self.slab.has(e.1 as usize)).count();
+                                if used >= SCAN8_MIN_CELLS {
+                                    let off = b * codes.per * scan8::BLOCK + kvh * gs * scan8::BLOCK;
+                                    scan8::sums(prep.kernel8, &v[off..off + gs * scan8::BLOCK], &prep.tab8, g, gs, &mut prep.sums);
+                                    block = b;
+                                } else {
+                                    sparse = b;
+                                }
+                            }
                             for h in 0..g {
-                                out[h * n + at] = gather_sum(&v[span.clone()], &prep.tables[h * per..(h + 1) * per], m);
+                                let s = if b == block {
+                                    prep.sums[h * scan8::BLOCK + c % scan8::BLOCK]
+                                } else {
+                                    scan8::cell_sum(prep.kernel8, &prep.tab8, gs, h, |i| v[scan8::locate(c, kvh * gs + i, codes.per)])
+                                };
+                                out[h * n + at] = prep.bias[h] + prep.step[h] * s as f32;
+                            }
+                        }
+                        CodeData::Narrow(_) => {
+                            for h in 0..g {
+                                let t = &prep.tables[h * per..(h + 1) * per];
+                                out[h * n + at] = (0..gs).map(|i| t[i * m + codes.get(c, kvh * gs + i)]).sum();
                             }
                         }
                         CodeData::Wide(v) => {
@@ -622,34 +663,48 @@ impl KeyStore {
         }
     }
 
-    /// The 4-bit scan's fast case: when `cells[j..j + 32]` are the 32 cells of one code block
-    /// in order, all coded, scan the block and write their scores with one loop. False (and
-    /// nothing written) otherwise.
+    /// The scans' fast case: when `cells[j..]` starts with the cells of one code block in order,
+    /// all coded, scan the block and write their scores with one loop. Returns the cells done:
+    /// a block's worth, or 0 (and nothing written) otherwise.
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn scan_run(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], j: usize, out: &mut [f32], stride: usize) -> bool {
-        let Coded::Pq { codes: Codes { data: CodeData::Nibble(v), per }, dim, .. } = &self.coded else {
-            return false;
+    fn scan_run(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], j: usize, out: &mut [f32], stride: usize) -> usize {
+        let Coded::Pq { codes: Codes { data, per }, dim, .. } = &self.coded else {
+            return 0;
+        };
+        let len = match data {
+            CodeData::Nibble(_) => scan::BLOCK,
+            CodeData::Narrow(_) => scan8::BLOCK,
+            CodeData::Wide(_) => return 0,
         };
         let c0 = cells[j].1 as usize;
-        if !c0.is_multiple_of(scan::BLOCK) || j + scan::BLOCK > cells.len() {
-            return false;
+        if !c0.is_multiple_of(len) || j + len > cells.len() {
+            return 0;
         }
-        let run = &cells[j..j + scan::BLOCK];
-        if !run.iter().enumerate().all(|(k, e)| e.1 as usize == c0 + k) || self.slab.slot[c0..c0 + scan::BLOCK].iter().any(|&s| s != NONE) {
-            return false;
+        let run = &cells[j..j + len];
+        if !run.iter().enumerate().all(|(k, e)| e.1 as usize == c0 + k) || self.slab.slot[c0..c0 + len].iter().any(|&s| s != NONE) {
+            return 0;
         }
         let gs = self.dk / dim;
-        let at = (c0 / scan::BLOCK) * per * 16 + kvh * gs * 16;
-        scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+        match data {
+            CodeData::Nibble(v) => {
+                let at = (c0 / len) * per * 16 + kvh * gs * 16;
+                scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+            }
+            CodeData::Narrow(v) => {
+                let at = (c0 / len) * per * len + kvh * gs * len;
+                scan8::sums(prep.kernel8, &v[at..at + gs * len], &prep.tab8, g, gs, &mut prep.sums);
+            }
+            CodeData::Wide(_) => return 0,
+        }
         for h in 0..g {
             let (bias, step) = (prep.bias[h], prep.step[h]);
-            let dst = &mut out[h * stride + j..h * stride + j + scan::BLOCK];
-            for (o, &s) in dst.iter_mut().zip(&prep.sums[h * scan::BLOCK..(h + 1) * scan::BLOCK]) {
+            let dst = &mut out[h * stride + j..h * stride + j + len];
+            for (o, &s) in dst.iter_mut().zip(&prep.sums[h * len..(h + 1) * len]) {
                 *o = bias + step * s as f32;
             }
         }
-        true
+        len
     }
 
     /// Raw bytes of one cell's keys for state I/O: a form byte (1 = exact f16 row, 0 = coded),
@@ -881,6 +936,9 @@ mod tests {
             // 4-bit codes: the blocked layout and the u8-table scan
             KeyCodec::Pq { dim: 1, centroids: 16, scope: Scope::Group },
             KeyCodec::Pq { dim: 2, centroids: 16, scope: Scope::Layer },
+            // 8-bit codes (the two above too): the blocked layout and the u8-table scan
+            KeyCodec::Pq { dim: 1, centroids: 256, scope: Scope::Layer },
+            KeyCodec::Pq { dim: 1, centroids: 100, scope: Scope::Group },
         ] {
             let mut st = KeyStore::new(codec, n, heads, dk, 100, 1).unwrap();
             let data = keys(n, heads * dk, 3);
@@ -914,12 +972,16 @@ mod tests {
                     }
                 }
                 // any order and any subset of cells scores the same as the whole list in order
+                // (sparse ones too: 8-bit codes are then summed cell by cell, not scanned)
                 let mixed: Vec<(i32, u32)> = (0..n as u32).rev().filter(|c| c % 3 != 1).map(|c| (c as i32, c)).chain((64..128).map(|c| (c, c as u32))).collect();
-                let mut again = vec![0.0; g * mixed.len()];
-                unsafe { st.scores(kvh, &mut prep, g, &mixed, &mut again, mixed.len()) };
-                for (j, &(_, c)) in mixed.iter().enumerate() {
-                    for h in 0..g {
-                        assert_eq!(again[h * mixed.len() + j], out[h * n + c as usize], "{codec:?} cell {c}");
+                let sparse: Vec<(i32, u32)> = (0..n as u32).filter(|c| c % 16 == 3).chain(60..70).map(|c| (c as i32, c)).collect();
+                for list in [mixed, sparse] {
+                    let mut again = vec![0.0; g * list.len()];
+                    unsafe { st.scores(kvh, &mut prep, g, &list, &mut again, list.len()) };
+                    for (j, &(_, c)) in list.iter().enumerate() {
+                        for h in 0..g {
+                            assert_eq!(again[h * list.len() + j], out[h * n + c as usize], "{codec:?} cell {c}");
+                        }
                     }
                 }
             }
