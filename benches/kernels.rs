@@ -11,6 +11,7 @@ use hcattn::attention::{exact_block_with, BlockScratch, Scale};
 use hcattn::approx::{softmax, softmax_with, union_sum_with, weighted_sum_with, Pick};
 use hcattn::codebook::KMeans;
 use hcattn::scan;
+use hcattn::scan8::{self, Kernel};
 use hcattn::select::{Histogram, TopP};
 use hcattn::simd::Level;
 
@@ -59,6 +60,49 @@ fn kernels(c: &mut Criterion) {
                 }
                 black_box(&sums);
             })
+        });
+    }
+
+    // 8-bit table scan (cpu25: one 256-centroid book): the same N cells, G query heads; the
+    // levels' kernels, and the f32 gather per cell that 8-bit codes had before
+    let m = scan8::TABLE;
+    let codes8: Vec<u8> = (0..scan8::bytes_for(N, gs)).map(|_| (r.next() * 256.0) as u8).collect();
+    let t32: Vec<f32> = (0..G * gs * m).map(|_| r.next() * 2.0 - 1.0).collect();
+    let mut sums8 = vec![0u16; G * scan8::BLOCK];
+    let mut scores = vec![0f32; G * scan8::BLOCK];
+    grp.bench_function("8bit_f32_gather", |b| {
+        b.iter(|| {
+            for blk in codes8.chunks_exact(gs * scan8::BLOCK) {
+                for cell in 0..scan8::BLOCK {
+                    for h in 0..G {
+                        let t = &t32[h * gs * m..(h + 1) * gs * m];
+                        let mut s = 0.0f32;
+                        for i in 0..gs {
+                            s += t[i * m + black_box(blk)[i * scan8::BLOCK + cell] as usize];
+                        }
+                        scores[h * scan8::BLOCK + cell] = s;
+                    }
+                }
+                black_box(&scores);
+            }
+        })
+    });
+    let mut kernels: Vec<Kernel> = levels().map(Kernel::for_level).collect();
+    kernels.dedup();
+    for kernel in kernels {
+        let (mut tabs8, mut bias, mut step) = (Vec::new(), Vec::new(), Vec::new());
+        scan8::quantize_tables(kernel, &t32, m, G, gs, &mut tabs8, &mut bias, &mut step);
+        grp.bench_function(format!("8bit_{kernel:?}").to_lowercase(), |b| {
+            b.iter(|| {
+                for blk in codes8.chunks_exact(gs * scan8::BLOCK) {
+                    scan8::sums(kernel, black_box(blk), &tabs8, G, gs, &mut sums8);
+                }
+                black_box(&sums8);
+            })
+        });
+        // the tables of one token's G query heads, built once per KV head and layer
+        grp.bench_function(format!("8bit_{kernel:?}_quantize_tables").to_lowercase(), |b| {
+            b.iter(|| scan8::quantize_tables(kernel, black_box(&t32), m, G, gs, &mut tabs8, &mut bias, &mut step))
         });
     }
     grp.finish();
