@@ -488,6 +488,25 @@ impl KeyStore {
             Coded::Pq { books, dim, centroids, codes, .. } if !books.is_empty() => {
                 let gs = self.dk / dim;
                 let per = gs * centroids;
+                let narrow = matches!(codes.data, CodeData::Narrow(_)) && gs <= scan8::MAX_SUBVECTORS;
+                if narrow {
+                    prep.scan = true;
+                    prep.kernel8 = scan8::Kernel::chosen();
+                    prep.sums.resize(g * scan8::BLOCK, 0);
+                }
+                if narrow && *dim == 1 && books.len() <= scan8::MAX_SUBVECTORS {
+                    // 1-dim books: the tables are the query's channels times the centroids,
+                    // quantized as they are built (building the f32 tables first would cost
+                    // about as much as the scan)
+                    let mut refs = [&[][..]; scan8::MAX_SUBVECTORS];
+                    for (r, b) in refs.iter_mut().zip(books) {
+                        *r = b.centroids();
+                    }
+                    let one = books.len() == 1;
+                    let (tab8, bias, step) = (&mut prep.tab8, &mut prep.bias, &mut prep.step);
+                    scan8::quantize_products(prep.kernel8, &prep.q, g, gs, &refs[..books.len()], |i| if one { 0 } else { i }, tab8, bias, step);
+                    return;
+                }
                 prep.tables.resize(g * per, 0.0);
                 for h in 0..g {
                     let qh = &q[h * self.dk..(h + 1) * self.dk];
@@ -508,11 +527,8 @@ impl KeyStore {
                         }
                     }
                 }
-                if matches!(codes.data, CodeData::Narrow(_)) && gs <= scan8::MAX_SUBVECTORS {
-                    prep.scan = true;
-                    prep.kernel8 = scan8::Kernel::chosen();
+                if narrow {
                     scan8::quantize_tables(prep.kernel8, &prep.tables, *centroids, g, gs, &mut prep.tab8, &mut prep.bias, &mut prep.step);
-                    prep.sums.resize(g * scan8::BLOCK, 0);
                 } else if *centroids == 16 && gs <= scan::MAX_SUBVECTORS {
                     prep.scan = true;
                     prep.tab8.resize(g * per, 0);

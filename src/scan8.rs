@@ -108,9 +108,47 @@ pub fn quantize_tables(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize,
     if kernel != Kernel::Portable {
         // SAFETY: a SIMD kernel comes only from `Kernel::for_level`, which checked that the
         // CPU has AVX2 at least.
-        return unsafe { quantize_avx2(kernel, t, m, g, gs, out, bias, step) };
+        return unsafe { tables_avx2(kernel, t, m, g, gs, out, bias, step) };
     }
-    quantize_lanes(kernel, t, m, g, gs, out, bias, step, min_max)
+    tables_lanes(kernel, t, m, g, gs, out, bias, step, min_max)
+}
+
+/// [`quantize_tables`] for tables that are products of the query's channels and scalar
+/// centroids (1-dim sub-vectors, `q`: g rows of gs), built here rather than read from f32
+/// tables: table[h][i][c] = q[h][i] * books[book(i)][c], `m` centroids a book. Same bytes,
+/// bias and step as [`quantize_tables`] on those tables: a product with a fixed factor is
+/// monotone in the centroid, so each row's extremes are the products with the book's.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_products(
+    kernel: Kernel,
+    q: &[f32],
+    g: usize,
+    gs: usize,
+    books: &[&[f32]],
+    book: impl Fn(usize) -> usize,
+    out: &mut Vec<u8>,
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+) {
+    let m = books.first().map_or(0, |b| b.len());
+    assert!(
+        m <= TABLE
+            && gs <= MAX_SUBVECTORS
+            && books.len() <= MAX_SUBVECTORS
+            && q.len() >= g * gs
+            && books.iter().all(|b| b.len() == m)
+            && (0..gs).all(|i| book(i) < books.len())
+    );
+    out.clear();
+    out.resize(kernel.table_bytes(g, gs), 0);
+    bias.clear();
+    step.clear();
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: as in `quantize_tables`.
+        return unsafe { products_avx2(kernel, q, g, gs, books, book, out, bias, step) };
+    }
+    products_lanes(kernel, q, g, gs, books, book, out, bias, step, min_max)
 }
 
 /// The same code compiled for AVX2, so that its loops vectorise wider, with the rows' minima
@@ -119,14 +157,33 @@ pub fn quantize_tables(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize,
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn quantize_avx2(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize, out: &mut [u8], bias: &mut Vec<f32>, step: &mut Vec<f32>) {
+unsafe fn tables_avx2(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize, out: &mut [u8], bias: &mut Vec<f32>, step: &mut Vec<f32>) {
     // SAFETY: this function runs only where AVX2 is present.
-    quantize_lanes(kernel, t, m, g, gs, out, bias, step, |row| unsafe { min_max_avx2(row) })
+    tables_lanes(kernel, t, m, g, gs, out, bias, step, |row| unsafe { min_max_avx2(row) })
+}
+
+/// [`quantize_products`] compiled for AVX2, as [`tables_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn products_avx2(
+    kernel: Kernel,
+    q: &[f32],
+    g: usize,
+    gs: usize,
+    books: &[&[f32]],
+    book: impl Fn(usize) -> usize,
+    out: &mut [u8],
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+) {
+    // SAFETY: this function runs only where AVX2 is present.
+    products_lanes(kernel, q, g, gs, books, book, out, bias, step, |row| unsafe { min_max_avx2(row) })
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn quantize_lanes(
+fn tables_lanes(
     kernel: Kernel,
     t: &[f32],
     m: usize,
@@ -148,34 +205,86 @@ fn quantize_lanes(
             b += mn;
             range = range.max(mx - mn);
         }
-        let s = if range > 0.0 && range.is_finite() { range / 255.0 } else { 1.0 };
-        let inv = 1.0 / s;
-        // rounded by adding 2^23, whose float has a unit step, and keeping the low byte: the
-        // loops vectorise (`round` is a libm call on the baseline target and a saturating
-        // cast to u8 goes one lane at a time); the comparisons clamp to 0..=255, NaN to 0
-        let q = |x: f32, l: f32| {
-            let y = (x - l) * inv;
-            let y = if y > 0.0 { y } else { 0.0 };
-            let y = if y < 255.0 { y } else { 255.0 };
-            (y + 8_388_608.0).to_bits() as u8
-        };
+        let inv = push_step(range, b, bias, step);
         for (i, (row, &l)) in th.chunks_exact(m).zip(&lo).enumerate() {
-            let base = kernel.at(gs, h, i, 0);
-            match kernel {
-                Kernel::Avx2 => {
-                    for (o, &x) in out[base..].iter_mut().step_by(INTERLEAVE).zip(row) {
-                        *o = q(x, l);
-                    }
-                }
-                _ => {
-                    for (o, &x) in out[base..base + m].iter_mut().zip(row) {
-                        *o = q(x, l);
-                    }
-                }
+            store_row(kernel, out, kernel.at(gs, h, i, 0), m, row.iter().copied(), l, inv);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn products_lanes(
+    kernel: Kernel,
+    q: &[f32],
+    g: usize,
+    gs: usize,
+    books: &[&[f32]],
+    book: impl Fn(usize) -> usize,
+    out: &mut [u8],
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+    min_max: impl Fn(&[f32]) -> (f32, f32),
+) {
+    let m = books.first().map_or(0, |b| b.len());
+    let mut ext = [(0.0f32, 0.0f32); MAX_SUBVECTORS];
+    for (e, b) in ext.iter_mut().zip(books) {
+        *e = min_max(b);
+    }
+    let mut lo = [0.0f32; MAX_SUBVECTORS];
+    for h in 0..g {
+        let qh = &q[h * gs..(h + 1) * gs];
+        let mut b = 0.0f32;
+        let mut range = 0.0f32;
+        for (i, (&x, l)) in qh.iter().zip(lo.iter_mut()).enumerate() {
+            let (cmin, cmax) = ext[book(i)];
+            let (u, v) = (x * cmin, x * cmax);
+            let (mn, mx) = if u < v { (u, v) } else { (v, u) };
+            *l = mn;
+            b += mn;
+            range = range.max(mx - mn);
+        }
+        let inv = push_step(range, b, bias, step);
+        for (i, (&x, &l)) in qh.iter().zip(&lo).enumerate() {
+            store_row(kernel, out, kernel.at(gs, h, i, 0), m, books[book(i)].iter().map(|&c| x * c), l, inv);
+        }
+    }
+}
+
+/// The step that spreads the largest row range over 0..=255 (1 when there is none), pushed
+/// with the bias; returns its inverse.
+#[inline(always)]
+fn push_step(range: f32, b: f32, bias: &mut Vec<f32>, step: &mut Vec<f32>) -> f32 {
+    let s = if range > 0.0 && range.is_finite() { range / 255.0 } else { 1.0 };
+    bias.push(b);
+    step.push(s);
+    1.0 / s
+}
+
+/// Quantize one row's values (less `lo`, times `inv`) to the entries of the table that starts
+/// at `base` (its `m` entries one byte apart, or INTERLEAVE in the AVX2 layout). Rounded by
+/// adding 2^23, whose float has a unit step, and keeping the low byte, so that the loop
+/// vectorises (`round` is a libm call on the baseline target and a saturating cast to u8 goes
+/// one lane at a time); the comparisons clamp to 0..=255, NaN to 0.
+#[inline(always)]
+fn store_row(kernel: Kernel, out: &mut [u8], base: usize, m: usize, row: impl Iterator<Item = f32>, lo: f32, inv: f32) {
+    let q = |x: f32| {
+        let y = (x - lo) * inv;
+        let y = if y > 0.0 { y } else { 0.0 };
+        let y = if y < 255.0 { y } else { 255.0 };
+        (y + 8_388_608.0).to_bits() as u8
+    };
+    match kernel {
+        Kernel::Avx2 => {
+            for (o, x) in out[base..].iter_mut().step_by(INTERLEAVE).zip(row) {
+                *o = q(x);
             }
         }
-        bias.push(b);
-        step.push(s);
+        _ => {
+            for (o, x) in out[base..base + m].iter_mut().zip(row) {
+                *o = q(x);
+            }
+        }
     }
 }
 
@@ -462,6 +571,43 @@ mod tests {
                         let exact: f32 = (0..gs).map(|i| t[(h * gs + i) * m + codes[i * BLOCK + cell] as usize]).sum();
                         let got = bias[h] + step[h] * s[h * BLOCK + cell] as f32;
                         assert!((got - exact).abs() <= gs as f32 * step[h] / 2.0 * 1.001 + 1e-3, "{kernel:?} head {h} cell {cell}: {got} vs {exact}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_quantize_as_their_tables_do() {
+        let mut seed = 5u64;
+        let val = |s: &mut u64| (rng(s) % 4001) as f32 / 1000.0 - 2.0;
+        for (g, gs, m, n_books) in [(3, 64, 256, 1), (2, 16, 100, 16), (1, 5, 17, 1)] {
+            let books: Vec<Vec<f32>> = (0..n_books).map(|_| (0..m).map(|_| val(&mut seed)).collect()).collect();
+            let mut q: Vec<f32> = (0..g * gs).map(|_| val(&mut seed)).collect();
+            q[1] = 0.0;
+            q[2] = -0.0;
+            let book = |i: usize| if n_books == 1 { 0 } else { i % n_books };
+            let t: Vec<f32> = (0..g * gs).flat_map(|k| books[book(k % gs)].iter().map(|&c| q[k] * c).collect::<Vec<_>>()).collect();
+            let refs: Vec<&[f32]> = books.iter().map(|b| &b[..]).collect();
+            for level in Level::ALL {
+                let kernel = Kernel::for_level(level);
+                let (mut a, mut ab, mut astep) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_tables(kernel, &t, m, g, gs, &mut a, &mut ab, &mut astep);
+                let (mut b, mut bb, mut bstep) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_products(kernel, &q, g, gs, &refs, book, &mut b, &mut bb, &mut bstep);
+                assert!(a == b && ab == bb && astep == bstep, "g {g} gs {gs} m {m} with {kernel:?}");
+                if kernel == Kernel::Portable {
+                    continue;
+                }
+                // the SIMD builds give the portable bytes
+                let (mut p, mut pb, mut pstep) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_products(Kernel::Portable, &q, g, gs, &refs, book, &mut p, &mut pb, &mut pstep);
+                assert!(pb == bb && pstep == bstep);
+                for h in 0..g {
+                    for i in 0..gs {
+                        for c in 0..m {
+                            assert_eq!(p[Kernel::Portable.at(gs, h, i, c)], b[kernel.at(gs, h, i, c)]);
+                        }
                     }
                 }
             }
