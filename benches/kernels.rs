@@ -9,7 +9,9 @@ use half::f16;
 
 use hcattn::attention::{exact_block_with, BlockScratch, Scale};
 use hcattn::approx::{softmax, softmax_with, union_sum_with, weighted_sum_with, Pick};
-use hcattn::codebook::KMeans;
+use hcattn::codebook::{Codebook, KMeans};
+use hcattn::keys::{KeyStore, Prep};
+use hcattn::options::{KeyCodec, Scope};
 use hcattn::scan;
 use hcattn::scan8::{self, Kernel};
 use hcattn::select::{Histogram, TopP};
@@ -104,6 +106,38 @@ fn kernels(c: &mut Criterion) {
         grp.bench_function(format!("8bit_{kernel:?}_quantize_tables").to_lowercase(), |b| {
             b.iter(|| scan8::quantize_tables(kernel, black_box(&t32), m, G, gs, &mut tabs8, &mut bias, &mut step))
         });
+    }
+    grp.finish();
+
+    // the key store's whole scoring step for one KV head (what a decode work item runs):
+    // building the query's tables, then scoring N coded cells, at the process's level
+    let mut grp = c.benchmark_group("keys");
+    grp.throughput(Throughput::Elements((N * G) as u64));
+    let heads_kv = 3;
+    for (name, centroids, scope) in [("cpu25", 256, Scope::Layer), ("cpu12.5", 16, Scope::Group)] {
+        let mut st = KeyStore::new(KeyCodec::Pq { dim: 1, centroids, scope }, N, heads_kv, DK, 1, 0).unwrap();
+        let books = scope.books_per_layer(DK, 1);
+        st.set_codebooks(
+            (0..books)
+                .map(|_| std::sync::Arc::new(Codebook::new(1, (0..centroids).map(|_| r.next() * 4.0 - 2.0).collect()).unwrap()))
+                .collect(),
+        )
+        .unwrap();
+        st.reserve(0..N);
+        for cell in 0..N {
+            let k: Vec<f32> = (0..heads_kv * DK).map(|_| r.next() * 4.0 - 2.0).collect();
+            // SAFETY: the cell was reserved and no other thread runs
+            unsafe { st.write_exact(cell, &k) };
+        }
+        st.settle(|_| false).unwrap();
+        let q: Vec<f32> = (0..G * DK).map(|_| r.next() * 2.0 - 1.0).collect();
+        let cells: Vec<(i32, u32)> = (0..N as u32).map(|c| (c as i32, c)).collect();
+        let mut prep = Prep::default();
+        let mut out = vec![0f32; G * N];
+        grp.bench_function(format!("{name}_prepare"), |b| b.iter(|| st.prepare(black_box(&q), G, &mut prep)));
+        st.prepare(&q, G, &mut prep);
+        // SAFETY: no thread writes the store
+        grp.bench_function(format!("{name}_scores"), |b| b.iter(|| unsafe { st.scores(0, &mut prep, G, black_box(&cells), &mut out, N) }));
     }
     grp.finish();
 
