@@ -70,7 +70,7 @@ fn kernels(c: &mut Criterion) {
     let m = scan8::TABLE;
     let codes8: Vec<u8> = (0..scan8::bytes_for(N, gs)).map(|_| (r.next() * 256.0) as u8).collect();
     let t32: Vec<f32> = (0..G * gs * m).map(|_| r.next() * 2.0 - 1.0).collect();
-    let mut sums8 = vec![0u16; G * scan8::BLOCK];
+    let mut sums8 = vec![0u16; scan8::PLANES * G * scan8::RUN * scan8::BLOCK];
     let mut scores = vec![0f32; G * scan8::BLOCK];
     grp.bench_function("8bit_f32_gather", |b| {
         b.iter(|| {
@@ -94,10 +94,20 @@ fn kernels(c: &mut Criterion) {
     for kernel in kernels {
         let (mut tabs8, mut bias, mut step) = (Vec::new(), Vec::new(), Vec::new());
         scan8::quantize_tables(kernel, &t32, m, G, gs, &mut tabs8, &mut bias, &mut step);
+        // runs of blocks as the key store scans them, and one block at a time
+        let blk = gs * scan8::BLOCK;
         grp.bench_function(format!("8bit_{kernel:?}").to_lowercase(), |b| {
             b.iter(|| {
-                for blk in codes8.chunks_exact(gs * scan8::BLOCK) {
-                    scan8::sums(kernel, black_box(blk), &tabs8, G, gs, &mut sums8);
+                for run in codes8.chunks(scan8::RUN * blk) {
+                    scan8::sums(kernel, black_box(run), blk, run.len() / blk, &tabs8, scan8::PLANES * G, gs, &mut sums8);
+                }
+                black_box(&sums8);
+            })
+        });
+        grp.bench_function(format!("8bit_{kernel:?}_one_block").to_lowercase(), |b| {
+            b.iter(|| {
+                for one in codes8.chunks_exact(blk) {
+                    scan8::sums(kernel, black_box(one), blk, 1, &tabs8, scan8::PLANES * G, gs, &mut sums8);
                 }
                 black_box(&sums8);
             })

@@ -141,8 +141,9 @@ pub struct Prep {
     tables: Vec<f32>,
     /// int: per query head, per channel group, the sum of the query's channels
     qsum: Vec<f32>,
-    /// 4-bit and 8-bit PQ: the tables quantized to u8 (see [`scan`] and [`scan8`]), per query
-    /// head; with their bias and step, and the sums of the block last scanned
+    /// 4-bit and 8-bit PQ: the tables quantized (to u8, see [`scan`]; to u16 as two byte
+    /// tables, see [`scan8`]), per query head; with their bias and step, and the sums of the
+    /// blocks last scanned
     tab8: Vec<u8>,
     bias: Vec<f32>,
     step: Vec<f32>,
@@ -492,7 +493,7 @@ impl KeyStore {
                 if narrow {
                     prep.scan = true;
                     prep.kernel8 = scan8::Kernel::chosen();
-                    prep.sums.resize(g * scan8::BLOCK, 0);
+                    prep.sums.resize(scan8::PLANES * g * scan8::RUN * scan8::BLOCK, 0);
                 }
                 if narrow && *dim == 1 && books.len() <= scan8::MAX_SUBVECTORS {
                     // 1-dim books: the tables are the query's channels times the centroids,
@@ -613,19 +614,22 @@ impl KeyStore {
                                 let used = ahead.iter().filter(|e| e.1 as usize / scan8::BLOCK == b && !self.slab.has(e.1 as usize)).count();
                                 if used >= SCAN8_MIN_CELLS {
                                     let off = b * codes.per * scan8::BLOCK + kvh * gs * scan8::BLOCK;
-                                    scan8::sums(prep.kernel8, &v[off..off + gs * scan8::BLOCK], &prep.tab8, g, gs, &mut prep.sums);
+                                    scan8::sums(prep.kernel8, &v[off..off + gs * scan8::BLOCK], 0, 1, &prep.tab8, scan8::PLANES * g, gs, &mut prep.sums);
                                     block = b;
                                 } else {
                                     sparse = b;
                                 }
                             }
                             for h in 0..g {
-                                let s = if b == block {
-                                    prep.sums[h * scan8::BLOCK + c % scan8::BLOCK]
+                                let (hi, lo) = (scan8::PLANES * h, scan8::PLANES * h + 1);
+                                let (sh, sl) = if b == block {
+                                    let k = c % scan8::BLOCK;
+                                    (prep.sums[hi * scan8::BLOCK + k], prep.sums[lo * scan8::BLOCK + k])
                                 } else {
-                                    scan8::cell_sum(prep.kernel8, &prep.tab8, gs, h, |i| v[scan8::locate(c, kvh * gs + i, codes.per)])
+                                    let code = |i| v[scan8::locate(c, kvh * gs + i, codes.per)];
+                                    (scan8::cell_sum(prep.kernel8, &prep.tab8, gs, hi, code), scan8::cell_sum(prep.kernel8, &prep.tab8, gs, lo, code))
                                 };
-                                out[h * n + at] = prep.bias[h] + prep.step[h] * s as f32;
+                                out[h * n + at] = scan8::score(prep.bias[h], prep.step[h], sh, sl);
                             }
                         }
                         CodeData::Narrow(_) => {
@@ -680,45 +684,64 @@ impl KeyStore {
     }
 
     /// The scans' fast case: when `cells[j..]` starts with the cells of one code block in order,
-    /// all coded, scan the block and write their scores with one loop. Returns the cells done:
-    /// a block's worth, or 0 (and nothing written) otherwise.
+    /// all coded, scan the block (for 8-bit codes, up to [`scan8::RUN`] such blocks that follow
+    /// each other) and write their scores with one loop. Returns the cells done: the blocks'
+    /// worth, or 0 (and nothing written) otherwise.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn scan_run(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], j: usize, out: &mut [f32], stride: usize) -> usize {
         let Coded::Pq { codes: Codes { data, per }, dim, .. } = &self.coded else {
             return 0;
         };
-        let len = match data {
-            CodeData::Nibble(_) => scan::BLOCK,
-            CodeData::Narrow(_) => scan8::BLOCK,
+        let (block, most) = match data {
+            CodeData::Nibble(_) => (scan::BLOCK, 1),
+            CodeData::Narrow(_) => (scan8::BLOCK, scan8::RUN),
             CodeData::Wide(_) => return 0,
         };
         let c0 = cells[j].1 as usize;
-        if !c0.is_multiple_of(len) || j + len > cells.len() {
+        if !c0.is_multiple_of(block) {
             return 0;
         }
-        let run = &cells[j..j + len];
-        if !run.iter().enumerate().all(|(k, e)| e.1 as usize == c0 + k) || self.slab.slot[c0..c0 + len].iter().any(|&s| s != NONE) {
+        // whole blocks of coded cells, in order
+        let whole = |k: usize| {
+            let (at, c) = (j + k * block, c0 + k * block);
+            at + block <= cells.len()
+                && cells[at..at + block].iter().enumerate().all(|(x, e)| e.1 as usize == c + x)
+                && self.slab.slot[c..c + block].iter().all(|&s| s == NONE)
+        };
+        let nb = (0..most).take_while(|&k| whole(k)).count();
+        if nb == 0 {
             return 0;
         }
         let gs = self.dk / dim;
+        let len = nb * block;
         match data {
             CodeData::Nibble(v) => {
-                let at = (c0 / len) * per * 16 + kvh * gs * 16;
+                let at = (c0 / block) * per * 16 + kvh * gs * 16;
                 scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+                for h in 0..g {
+                    let (bias, step) = (prep.bias[h], prep.step[h]);
+                    let dst = &mut out[h * stride + j..h * stride + j + len];
+                    for (o, &s) in dst.iter_mut().zip(&prep.sums[h * len..(h + 1) * len]) {
+                        *o = bias + step * s as f32;
+                    }
+                }
             }
             CodeData::Narrow(v) => {
-                let at = (c0 / len) * per * len + kvh * gs * len;
-                scan8::sums(prep.kernel8, &v[at..at + gs * len], &prep.tab8, g, gs, &mut prep.sums);
+                let (at, skip) = ((c0 / block) * per * block + kvh * gs * block, per * block);
+                let tables = scan8::PLANES * g;
+                scan8::sums(prep.kernel8, &v[at..at + (nb - 1) * skip + gs * block], skip, nb, &prep.tab8, tables, gs, &mut prep.sums);
+                for h in 0..g {
+                    let (bias, step) = (prep.bias[h], prep.step[h]);
+                    let (hi, lo) = (scan8::PLANES * h, scan8::PLANES * h + 1);
+                    let (hi, lo) = (&prep.sums[hi * len..(hi + 1) * len], &prep.sums[lo * len..(lo + 1) * len]);
+                    let dst = &mut out[h * stride + j..h * stride + j + len];
+                    for ((o, &sh), &sl) in dst.iter_mut().zip(hi).zip(lo) {
+                        *o = scan8::score(bias, step, sh, sl);
+                    }
+                }
             }
             CodeData::Wide(_) => return 0,
-        }
-        for h in 0..g {
-            let (bias, step) = (prep.bias[h], prep.step[h]);
-            let dst = &mut out[h * stride + j..h * stride + j + len];
-            for (o, &s) in dst.iter_mut().zip(&prep.sums[h * len..(h + 1) * len]) {
-                *o = bias + step * s as f32;
-            }
         }
         len
     }
