@@ -9,8 +9,11 @@ use half::f16;
 
 use hcattn::attention::{exact_block_with, BlockScratch, Scale};
 use hcattn::approx::{softmax, softmax_with, union_sum_with, weighted_sum_with, Pick};
-use hcattn::codebook::KMeans;
+use hcattn::codebook::{Codebook, KMeans};
+use hcattn::keys::{KeyStore, Prep};
+use hcattn::options::{KeyCodec, Scope};
 use hcattn::scan;
+use hcattn::scan8::{self, Kernel};
 use hcattn::select::{Histogram, TopP};
 use hcattn::simd::Level;
 
@@ -60,6 +63,91 @@ fn kernels(c: &mut Criterion) {
                 black_box(&sums);
             })
         });
+    }
+
+    // 8-bit table scan (cpu25: one 256-centroid book): the same N cells, G query heads; the
+    // levels' kernels, and the f32 gather per cell that 8-bit codes had before
+    let m = scan8::TABLE;
+    let codes8: Vec<u8> = (0..scan8::bytes_for(N, gs)).map(|_| (r.next() * 256.0) as u8).collect();
+    let t32: Vec<f32> = (0..G * gs * m).map(|_| r.next() * 2.0 - 1.0).collect();
+    let mut sums8 = vec![0u16; scan8::PLANES * G * scan8::RUN * scan8::BLOCK];
+    let mut scores = vec![0f32; G * scan8::BLOCK];
+    grp.bench_function("8bit_f32_gather", |b| {
+        b.iter(|| {
+            for blk in codes8.chunks_exact(gs * scan8::BLOCK) {
+                for cell in 0..scan8::BLOCK {
+                    for h in 0..G {
+                        let t = &t32[h * gs * m..(h + 1) * gs * m];
+                        let mut s = 0.0f32;
+                        for i in 0..gs {
+                            s += t[i * m + black_box(blk)[i * scan8::BLOCK + cell] as usize];
+                        }
+                        scores[h * scan8::BLOCK + cell] = s;
+                    }
+                }
+                black_box(&scores);
+            }
+        })
+    });
+    let mut kernels: Vec<Kernel> = levels().map(Kernel::for_level).collect();
+    kernels.dedup();
+    for kernel in kernels {
+        let (mut tabs8, mut bias, mut step) = (Vec::new(), Vec::new(), Vec::new());
+        scan8::quantize_tables(kernel, &t32, m, G, gs, &mut tabs8, &mut bias, &mut step);
+        // runs of blocks as the key store scans them, and one block at a time
+        let blk = gs * scan8::BLOCK;
+        grp.bench_function(format!("8bit_{kernel:?}").to_lowercase(), |b| {
+            b.iter(|| {
+                for run in codes8.chunks(scan8::RUN * blk) {
+                    scan8::sums(kernel, black_box(run), blk, run.len() / blk, &tabs8, scan8::PLANES * G, gs, &mut sums8);
+                }
+                black_box(&sums8);
+            })
+        });
+        grp.bench_function(format!("8bit_{kernel:?}_one_block").to_lowercase(), |b| {
+            b.iter(|| {
+                for one in codes8.chunks_exact(blk) {
+                    scan8::sums(kernel, black_box(one), blk, 1, &tabs8, scan8::PLANES * G, gs, &mut sums8);
+                }
+                black_box(&sums8);
+            })
+        });
+        // the tables of one token's G query heads, built once per KV head and layer
+        grp.bench_function(format!("8bit_{kernel:?}_quantize_tables").to_lowercase(), |b| {
+            b.iter(|| scan8::quantize_tables(kernel, black_box(&t32), m, G, gs, &mut tabs8, &mut bias, &mut step))
+        });
+    }
+    grp.finish();
+
+    // the key store's whole scoring step for one KV head (what a decode work item runs):
+    // building the query's tables, then scoring N coded cells, at the process's level
+    let mut grp = c.benchmark_group("keys");
+    grp.throughput(Throughput::Elements((N * G) as u64));
+    let heads_kv = 3;
+    for (name, centroids, scope) in [("cpu25", 256, Scope::Layer), ("cpu12.5", 16, Scope::Group)] {
+        let mut st = KeyStore::new(KeyCodec::Pq { dim: 1, centroids, scope }, N, heads_kv, DK, 1, 0).unwrap();
+        let books = scope.books_per_layer(DK, 1);
+        st.set_codebooks(
+            (0..books)
+                .map(|_| std::sync::Arc::new(Codebook::new(1, (0..centroids).map(|_| r.next() * 4.0 - 2.0).collect()).unwrap()))
+                .collect(),
+        )
+        .unwrap();
+        st.reserve(0..N);
+        for cell in 0..N {
+            let k: Vec<f32> = (0..heads_kv * DK).map(|_| r.next() * 4.0 - 2.0).collect();
+            // SAFETY: the cell was reserved and no other thread runs
+            unsafe { st.write_exact(cell, &k) };
+        }
+        st.settle(|_| false).unwrap();
+        let q: Vec<f32> = (0..G * DK).map(|_| r.next() * 2.0 - 1.0).collect();
+        let cells: Vec<(i32, u32)> = (0..N as u32).map(|c| (c as i32, c)).collect();
+        let mut prep = Prep::default();
+        let mut out = vec![0f32; G * N];
+        grp.bench_function(format!("{name}_prepare"), |b| b.iter(|| st.prepare(black_box(&q), G, &mut prep)));
+        st.prepare(&q, G, &mut prep);
+        // SAFETY: no thread writes the store
+        grp.bench_function(format!("{name}_scores"), |b| b.iter(|| unsafe { st.scores(0, &mut prep, G, black_box(&cells), &mut out, N) }));
     }
     grp.finish();
 

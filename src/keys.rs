@@ -20,8 +20,13 @@ use crate::codebook::{Codebook, CutTable, KMeans, ScalarFit};
 use crate::error::{filled, Error, Result};
 use crate::options::{code_bits, KeyCodec, Scope};
 use crate::scan;
+use crate::scan8;
 
 const NONE: u32 = u32::MAX;
+
+/// Coded cells of an 8-bit code block, among the next [`scan8::BLOCK`] cells to score, from
+/// which scanning the whole block costs less than summing each cell alone.
+const SCAN8_MIN_CELLS: usize = 8;
 
 /// Online books of sub-vectors (2 dims or more; 1-dim books get an exact fit, see
 /// [`ScalarFit`]) of at most this many centroids are fitted with SMALL_BOOK_BATCHES
@@ -136,20 +141,23 @@ pub struct Prep {
     tables: Vec<f32>,
     /// int: per query head, per channel group, the sum of the query's channels
     qsum: Vec<f32>,
-    /// 4-bit PQ: the tables quantized to u8 (see [`scan`]), per query head; with their bias
-    /// and step, and the sums of the block last scanned
+    /// 4-bit and 8-bit PQ: the tables quantized (to u8, see [`scan`]; to u16 as two byte
+    /// tables, see [`scan8`]), per query head; with their bias and step, and the sums of the
+    /// blocks last scanned
     tab8: Vec<u8>,
     bias: Vec<f32>,
     step: Vec<f32>,
     sums: Vec<u16>,
     /// whether `tab8` is in use for the current query
     scan: bool,
+    /// 8-bit PQ: the kernel whose layout `tab8` has
+    kernel8: scan8::Kernel,
     exact: Vec<f32>,
 }
 
 /// PQ codes of every cell, `per` codes a cell: 4 bits each up to 16 centroids (in the blocked
-/// layout of [`crate::scan`]), one byte up to 256, two bytes above (what the memory report
-/// counts).
+/// layout of [`crate::scan`]), one byte up to 256 (in the blocked layout of [`crate::scan8`]),
+/// two bytes above (what the memory report counts).
 struct Codes {
     per: usize,
     data: CodeData,
@@ -166,7 +174,7 @@ impl Codes {
         const WHAT: &str = "the key codes (fast tier)";
         let data = match code_bits(centroids) {
             4 => CodeData::Nibble(filled(scan::bytes_for(n_cells, per), 0, WHAT)?),
-            8 => CodeData::Narrow(filled(n_cells * per, 0, WHAT)?),
+            8 => CodeData::Narrow(filled(scan8::bytes_for(n_cells, per), 0, WHAT)?),
             _ => CodeData::Wide(filled(n_cells * per, 0, WHAT)?),
         };
         Ok(Codes { per, data })
@@ -188,7 +196,7 @@ impl Codes {
                 let (b, shift) = scan::locate(cell, i, self.per);
                 ((v[b] >> shift) & 0x0f) as usize
             }
-            CodeData::Narrow(v) => v[cell * self.per + i] as usize,
+            CodeData::Narrow(v) => v[scan8::locate(cell, i, self.per)] as usize,
             CodeData::Wide(v) => v[cell * self.per + i] as usize,
         }
     }
@@ -200,7 +208,7 @@ impl Codes {
                 let (b, shift) = scan::locate(cell, i, self.per);
                 v[b] = (v[b] & !(0x0f << shift)) | ((code as u8 & 0x0f) << shift);
             }
-            CodeData::Narrow(v) => v[cell * self.per + i] = code as u8,
+            CodeData::Narrow(v) => v[scan8::locate(cell, i, self.per)] = code as u8,
             CodeData::Wide(v) => v[cell * self.per + i] = code as u16,
         }
     }
@@ -478,12 +486,31 @@ impl KeyStore {
     pub fn prepare(&self, q: &[f32], g: usize, prep: &mut Prep) {
         prep.q.clear();
         prep.q.extend_from_slice(&q[..g * self.dk]);
-        // set below for 4-bit codes only; a thread's scratch serves every layer and context
+        // set below for 4-bit and 8-bit codes only; a thread's scratch serves every layer and context
         prep.scan = false;
         match &self.coded {
-            Coded::Pq { books, dim, centroids, .. } if !books.is_empty() => {
+            Coded::Pq { books, dim, centroids, codes, .. } if !books.is_empty() => {
                 let gs = self.dk / dim;
                 let per = gs * centroids;
+                let narrow = matches!(codes.data, CodeData::Narrow(_)) && gs <= scan8::MAX_SUBVECTORS;
+                if narrow {
+                    prep.scan = true;
+                    prep.kernel8 = scan8::Kernel::chosen();
+                    prep.sums.resize(scan8::PLANES * g * scan8::RUN * scan8::BLOCK, 0);
+                }
+                if narrow && *dim == 1 && books.len() <= scan8::MAX_SUBVECTORS {
+                    // 1-dim books: the tables are the query's channels times the centroids,
+                    // quantized as they are built (building the f32 tables first would cost
+                    // about as much as the scan)
+                    let mut refs = [&[][..]; scan8::MAX_SUBVECTORS];
+                    for (r, b) in refs.iter_mut().zip(books) {
+                        *r = b.centroids();
+                    }
+                    let one = books.len() == 1;
+                    let (tab8, bias, step) = (&mut prep.tab8, &mut prep.bias, &mut prep.step);
+                    scan8::quantize_products(prep.kernel8, &prep.q, g, gs, &refs[..books.len()], |i| if one { 0 } else { i }, tab8, bias, step);
+                    return;
+                }
                 prep.tables.resize(g * per, 0.0);
                 for h in 0..g {
                     let qh = &q[h * self.dk..(h + 1) * self.dk];
@@ -504,8 +531,10 @@ impl KeyStore {
                         }
                     }
                 }
-                prep.scan = *centroids == 16 && gs <= scan::MAX_SUBVECTORS;
-                if prep.scan {
+                if narrow {
+                    scan8::quantize_tables(prep.kernel8, &prep.tables, *centroids, g, gs, &mut prep.tab8, &mut prep.bias, &mut prep.step);
+                } else if *centroids == 16 && gs <= scan::MAX_SUBVECTORS {
+                    prep.scan = true;
                     prep.tab8.resize(g * per, 0);
                     prep.bias.clear();
                     prep.step.clear();
@@ -539,13 +568,18 @@ impl KeyStore {
         let n = stride;
         let dk = self.dk;
         prep.exact.resize(dk, 0.0);
+        // the block whose sums prep.sums holds, and the 8-bit block last found not worth a scan
         let mut block = usize::MAX;
+        let mut sparse = usize::MAX;
         let mut j = 0;
         while j < cells.len() {
-            if prep.scan && self.scan_run(kvh, prep, g, cells, j, out, stride) {
-                j += scan::BLOCK;
-                block = usize::MAX; // prep.sums now holds that run's block
-                continue;
+            if prep.scan {
+                let done = self.scan_run(kvh, prep, g, cells, j, out, stride);
+                if done > 0 {
+                    j += done;
+                    block = usize::MAX; // prep.sums now holds that run's block
+                    continue;
+                }
             }
             let (at, c) = (j, cells[j].1 as usize);
             j += 1;
@@ -574,10 +608,37 @@ impl KeyStore {
                                 out[h * n + at] = prep.bias[h] + prep.step[h] * prep.sums[h * scan::BLOCK + c % scan::BLOCK] as f32;
                             }
                         }
-                        CodeData::Narrow(v) => {
-                            let span = c * codes.per + kvh * gs..c * codes.per + (kvh + 1) * gs;
+                        CodeData::Narrow(v) if prep.scan => {
+                            let b = c / scan8::BLOCK;
+                            if b != block && b != sparse {
+                                // scan the block when enough of its coded cells come next; the
+                                // sums are the same integers either way
+                                let ahead = &cells[at..(at + scan8::BLOCK).min(cells.len())];
+                                let used = ahead.iter().filter(|e| e.1 as usize / scan8::BLOCK == b && !self.slab.has(e.1 as usize)).count();
+                                if used >= SCAN8_MIN_CELLS {
+                                    let off = b * codes.per * scan8::BLOCK + kvh * gs * scan8::BLOCK;
+                                    scan8::sums(prep.kernel8, &v[off..off + gs * scan8::BLOCK], 0, 1, &prep.tab8, scan8::PLANES * g, gs, &mut prep.sums);
+                                    block = b;
+                                } else {
+                                    sparse = b;
+                                }
+                            }
                             for h in 0..g {
-                                out[h * n + at] = gather_sum(&v[span.clone()], &prep.tables[h * per..(h + 1) * per], m);
+                                let (hi, lo) = (scan8::PLANES * h, scan8::PLANES * h + 1);
+                                let (sh, sl) = if b == block {
+                                    let k = c % scan8::BLOCK;
+                                    (prep.sums[hi * scan8::BLOCK + k], prep.sums[lo * scan8::BLOCK + k])
+                                } else {
+                                    let code = |i| v[scan8::locate(c, kvh * gs + i, codes.per)];
+                                    (scan8::cell_sum(prep.kernel8, &prep.tab8, gs, hi, code), scan8::cell_sum(prep.kernel8, &prep.tab8, gs, lo, code))
+                                };
+                                out[h * n + at] = scan8::score(prep.bias[h], prep.step[h], sh, sl);
+                            }
+                        }
+                        CodeData::Narrow(_) => {
+                            for h in 0..g {
+                                let t = &prep.tables[h * per..(h + 1) * per];
+                                out[h * n + at] = (0..gs).map(|i| t[i * m + codes.get(c, kvh * gs + i)]).sum();
                             }
                         }
                         CodeData::Wide(v) => {
@@ -625,34 +686,67 @@ impl KeyStore {
         }
     }
 
-    /// The 4-bit scan's fast case: when `cells[j..j + 32]` are the 32 cells of one code block
-    /// in order, all coded, scan the block and write their scores with one loop. False (and
-    /// nothing written) otherwise.
+    /// The scans' fast case: when `cells[j..]` starts with the cells of one code block in order,
+    /// all coded, scan the block (for 8-bit codes, up to [`scan8::RUN`] such blocks that follow
+    /// each other) and write their scores with one loop. Returns the cells done: the blocks'
+    /// worth, or 0 (and nothing written) otherwise.
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn scan_run(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], j: usize, out: &mut [f32], stride: usize) -> bool {
-        let Coded::Pq { codes: Codes { data: CodeData::Nibble(v), per }, dim, .. } = &self.coded else {
-            return false;
+    fn scan_run(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], j: usize, out: &mut [f32], stride: usize) -> usize {
+        let Coded::Pq { codes: Codes { data, per }, dim, .. } = &self.coded else {
+            return 0;
+        };
+        let (block, most) = match data {
+            CodeData::Nibble(_) => (scan::BLOCK, 1),
+            CodeData::Narrow(_) => (scan8::BLOCK, scan8::RUN),
+            CodeData::Wide(_) => return 0,
         };
         let c0 = cells[j].1 as usize;
-        if !c0.is_multiple_of(scan::BLOCK) || j + scan::BLOCK > cells.len() {
-            return false;
+        if !c0.is_multiple_of(block) {
+            return 0;
         }
-        let run = &cells[j..j + scan::BLOCK];
-        if !run.iter().enumerate().all(|(k, e)| e.1 as usize == c0 + k) || self.slab.slot[c0..c0 + scan::BLOCK].iter().any(|&s| s != NONE) {
-            return false;
+        // whole blocks of coded cells, in order
+        let whole = |k: usize| {
+            let (at, c) = (j + k * block, c0 + k * block);
+            at + block <= cells.len()
+                && cells[at..at + block].iter().enumerate().all(|(x, e)| e.1 as usize == c + x)
+                && self.slab.slot[c..c + block].iter().all(|&s| s == NONE)
+        };
+        let nb = (0..most).take_while(|&k| whole(k)).count();
+        if nb == 0 {
+            return 0;
         }
         let gs = self.dk / dim;
-        let at = (c0 / scan::BLOCK) * per * 16 + kvh * gs * 16;
-        scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
-        for h in 0..g {
-            let (bias, step) = (prep.bias[h], prep.step[h]);
-            let dst = &mut out[h * stride + j..h * stride + j + scan::BLOCK];
-            for (o, &s) in dst.iter_mut().zip(&prep.sums[h * scan::BLOCK..(h + 1) * scan::BLOCK]) {
-                *o = bias + step * s as f32;
+        let len = nb * block;
+        match data {
+            CodeData::Nibble(v) => {
+                let at = (c0 / block) * per * 16 + kvh * gs * 16;
+                scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+                for h in 0..g {
+                    let (bias, step) = (prep.bias[h], prep.step[h]);
+                    let dst = &mut out[h * stride + j..h * stride + j + len];
+                    for (o, &s) in dst.iter_mut().zip(&prep.sums[h * len..(h + 1) * len]) {
+                        *o = bias + step * s as f32;
+                    }
+                }
             }
+            CodeData::Narrow(v) => {
+                let (at, skip) = ((c0 / block) * per * block + kvh * gs * block, per * block);
+                let tables = scan8::PLANES * g;
+                scan8::sums(prep.kernel8, &v[at..at + (nb - 1) * skip + gs * block], skip, nb, &prep.tab8, tables, gs, &mut prep.sums);
+                for h in 0..g {
+                    let (bias, step) = (prep.bias[h], prep.step[h]);
+                    let (hi, lo) = (scan8::PLANES * h, scan8::PLANES * h + 1);
+                    let (hi, lo) = (&prep.sums[hi * len..(hi + 1) * len], &prep.sums[lo * len..(lo + 1) * len]);
+                    let dst = &mut out[h * stride + j..h * stride + j + len];
+                    for ((o, &sh), &sl) in dst.iter_mut().zip(hi).zip(lo) {
+                        *o = scan8::score(bias, step, sh, sl);
+                    }
+                }
+            }
+            CodeData::Wide(_) => return 0,
         }
-        true
+        len
     }
 
     /// Raw bytes of one cell's keys for state I/O: a form byte (1 = exact f16 row, 0 = coded),
@@ -884,6 +978,9 @@ mod tests {
             // 4-bit codes: the blocked layout and the u8-table scan
             KeyCodec::Pq { dim: 1, centroids: 16, scope: Scope::Group },
             KeyCodec::Pq { dim: 2, centroids: 16, scope: Scope::Layer },
+            // 8-bit codes (the two above too): the blocked layout and the u8-table scan
+            KeyCodec::Pq { dim: 1, centroids: 256, scope: Scope::Layer },
+            KeyCodec::Pq { dim: 1, centroids: 100, scope: Scope::Group },
         ] {
             let mut st = KeyStore::new(codec, n, heads, dk, 100, 1).unwrap();
             let data = keys(n, heads * dk, 3);
@@ -917,12 +1014,16 @@ mod tests {
                     }
                 }
                 // any order and any subset of cells scores the same as the whole list in order
+                // (sparse ones too: 8-bit codes are then summed cell by cell, not scanned)
                 let mixed: Vec<(i32, u32)> = (0..n as u32).rev().filter(|c| c % 3 != 1).map(|c| (c as i32, c)).chain((64..128).map(|c| (c, c as u32))).collect();
-                let mut again = vec![0.0; g * mixed.len()];
-                unsafe { st.scores(kvh, &mut prep, g, &mixed, &mut again, mixed.len()) };
-                for (j, &(_, c)) in mixed.iter().enumerate() {
-                    for h in 0..g {
-                        assert_eq!(again[h * mixed.len() + j], out[h * n + c as usize], "{codec:?} cell {c}");
+                let sparse: Vec<(i32, u32)> = (0..n as u32).filter(|c| c % 16 == 3).chain(60..70).map(|c| (c as i32, c)).collect();
+                for list in [mixed, sparse] {
+                    let mut again = vec![0.0; g * list.len()];
+                    unsafe { st.scores(kvh, &mut prep, g, &list, &mut again, list.len()) };
+                    for (j, &(_, c)) in list.iter().enumerate() {
+                        for h in 0..g {
+                            assert_eq!(again[h * list.len() + j], out[h * n + c as usize], "{codec:?} cell {c}");
+                        }
                     }
                 }
             }

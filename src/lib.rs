@@ -26,6 +26,7 @@ pub mod models;
 pub mod options;
 pub mod rows;
 pub mod scan;
+pub mod scan8;
 pub mod select;
 pub mod simd;
 pub mod state;

@@ -1,0 +1,681 @@
+//! Fast table scans for 8-bit PQ codes (codebooks of 17 to 256 centroids).
+//!
+//! Codes are kept in blocks of [`BLOCK`] cells. Inside a block, each sub-vector position takes
+//! 64 bytes, byte k the code of cell k. A KV head's sub-vectors are contiguous, so one scan
+//! streams `64 * gs` bytes per block and head.
+//!
+//! A query's f32 tables are quantized to u16 with one step per query head, and each is kept as
+//! two byte tables ([`PLANES`]), its high and its low bytes: the kernels look bytes up and sum
+//! each byte table in u16 lanes, and score = bias + step * (256 * high sum + low sum), with a
+//! rounding error of at most `gs * step / 2`. One byte a table with one step per head, as the
+//! 4-bit scan of [`crate::scan`] has, is too coarse here: a 256-centroid book shared by all
+//! channels spans every channel's range, so each row's few used entries fell on a handful of
+//! levels (cpu25 at 8192: mean KLD 0.038 and top-1 90.6% against 0.008 and 97.3% in f32).
+//!
+//! Each table has [`TABLE`] entries whatever the codebook size (the rest is padding), so that a
+//! code indexes it directly. Where the byte tables lie depends on the kernel that reads them
+//! ([`Kernel::at`]): one after another for the portable and AVX-512 VBMI kernels (a
+//! sub-vector's table is four 64-byte registers), four interleaved per entry for the AVX2 one
+//! (one 32-bit gather fetches both bytes of two query heads). Every kernel gives the same
+//! integers as [`sums_portable`], the reference.
+
+use crate::simd::Level;
+
+/// Cells per code block.
+pub const BLOCK: usize = 64;
+
+/// Most blocks one call of [`sums`] scans: the tables are read once for all of them.
+pub const RUN: usize = 4;
+
+/// Entries of one sub-vector's quantized table.
+pub const TABLE: usize = 256;
+
+/// Most sub-vectors per head the u16 sums hold without overflow (gs * 255 <= 65535).
+pub const MAX_SUBVECTORS: usize = 256;
+
+/// Byte tables per query head: the high bytes of its u16 tables (byte table 2h), then the low
+/// ones (2h + 1).
+pub const PLANES: usize = 2;
+
+/// Byte tables the AVX2 layout interleaves.
+const INTERLEAVE: usize = 4;
+
+/// Byte offset of code `i` (of `per` per cell) of `cell`.
+#[inline(always)]
+pub fn locate(cell: usize, i: usize, per: usize) -> usize {
+    (cell / BLOCK) * per * BLOCK + i * BLOCK + cell % BLOCK
+}
+
+/// Bytes that hold the codes of `n_cells` cells of `per` codes each.
+pub fn bytes_for(n_cells: usize, per: usize) -> usize {
+    n_cells.div_ceil(BLOCK) * per * BLOCK
+}
+
+/// The kernel that scans, which fixes the layout of the quantized tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernel {
+    #[default]
+    Portable,
+    /// 32-bit gathers of four byte tables' entries at once
+    Avx2,
+    /// two-register byte permutes (`vpermi2b`), 64 cells per lookup
+    Vbmi,
+}
+
+impl Kernel {
+    /// The kernel for an instruction-set level, lowered to what the CPU has: AVX-512 without
+    /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel.
+    pub fn for_level(level: Level) -> Kernel {
+        match level.usable() {
+            Level::Portable => Kernel::Portable,
+            Level::Avx2 => Kernel::Avx2,
+            Level::Avx512 if has_vbmi() => Kernel::Vbmi,
+            Level::Avx512 => Kernel::Avx2,
+        }
+    }
+
+    /// The kernel the process-wide level ([`crate::simd::level`]) gives.
+    pub fn chosen() -> Kernel {
+        Kernel::for_level(crate::simd::level())
+    }
+
+    /// Bytes of `nt` byte tables of `gs` sub-vectors.
+    pub fn table_bytes(self, nt: usize, gs: usize) -> usize {
+        match self {
+            Kernel::Avx2 => nt.div_ceil(INTERLEAVE) * INTERLEAVE * gs * TABLE,
+            _ => nt * gs * TABLE,
+        }
+    }
+
+    /// Index of byte table `k`'s entry for `code` of sub-vector `i`.
+    #[inline(always)]
+    pub fn at(self, gs: usize, k: usize, i: usize, code: usize) -> usize {
+        match self {
+            Kernel::Avx2 => ((k / INTERLEAVE) * gs * TABLE + i * TABLE + code) * INTERLEAVE + k % INTERLEAVE,
+            _ => (k * gs + i) * TABLE + code,
+        }
+    }
+}
+
+fn has_vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Quantize `g` heads' f32 tables (`gs` x `m` each, `m` <= [`TABLE`]) to u16, as `PLANES * g`
+/// byte tables in `kernel`'s layout: `out` gets `kernel.table_bytes(PLANES * g, gs)` bytes,
+/// padding entries 0, and `bias` and `step` one value per head, with table[h][i][c] ~ min_i +
+/// step[h] * q and bias[h] = sum of min_i. The result does not depend on the kernel's
+/// instruction set, only its layout.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_tables(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize, out: &mut Vec<u8>, bias: &mut Vec<f32>, step: &mut Vec<f32>) {
+    assert!(m <= TABLE && gs <= MAX_SUBVECTORS && t.len() >= g * gs * m);
+    out.clear();
+    out.resize(kernel.table_bytes(PLANES * g, gs), 0);
+    bias.clear();
+    step.clear();
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: a SIMD kernel comes only from `Kernel::for_level`, which checked that the
+        // CPU has AVX2 at least.
+        return unsafe { tables_avx2(kernel, t, m, g, gs, out, bias, step) };
+    }
+    tables_lanes(kernel, t, m, g, gs, out, bias, step, min_max)
+}
+
+/// [`quantize_tables`] for tables that are products of the query's channels and scalar
+/// centroids (1-dim sub-vectors, `q`: g rows of gs), built here rather than read from f32
+/// tables: table[h][i][c] = q[h][i] * books[book(i)][c], `m` centroids a book. Same bytes,
+/// bias and step as [`quantize_tables`] on those tables: a product with a fixed factor is
+/// monotone in the centroid, so each row's extremes are the products with the book's.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_products(
+    kernel: Kernel,
+    q: &[f32],
+    g: usize,
+    gs: usize,
+    books: &[&[f32]],
+    book: impl Fn(usize) -> usize,
+    out: &mut Vec<u8>,
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+) {
+    let m = books.first().map_or(0, |b| b.len());
+    assert!(
+        m <= TABLE
+            && gs <= MAX_SUBVECTORS
+            && books.len() <= MAX_SUBVECTORS
+            && q.len() >= g * gs
+            && books.iter().all(|b| b.len() == m)
+            && (0..gs).all(|i| book(i) < books.len())
+    );
+    out.clear();
+    out.resize(kernel.table_bytes(PLANES * g, gs), 0);
+    bias.clear();
+    step.clear();
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: as in `quantize_tables`.
+        return unsafe { products_avx2(kernel, q, g, gs, books, book, out, bias, step) };
+    }
+    products_lanes(kernel, q, g, gs, books, book, out, bias, step, min_max)
+}
+
+/// The same code compiled for AVX2, so that its loops vectorise wider, with the rows' minima
+/// and maxima in AVX2 (the compiler keeps `f32::min` scalar for its NaN rule). Without
+/// fast-math the arithmetic is the same (no fused multiply-adds), so are the bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tables_avx2(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize, out: &mut [u8], bias: &mut Vec<f32>, step: &mut Vec<f32>) {
+    // SAFETY: this function runs only where AVX2 is present.
+    tables_lanes(kernel, t, m, g, gs, out, bias, step, |row| unsafe { min_max_avx2(row) })
+}
+
+/// [`quantize_products`] compiled for AVX2, as [`tables_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn products_avx2(
+    kernel: Kernel,
+    q: &[f32],
+    g: usize,
+    gs: usize,
+    books: &[&[f32]],
+    book: impl Fn(usize) -> usize,
+    out: &mut [u8],
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+) {
+    // SAFETY: this function runs only where AVX2 is present.
+    products_lanes(kernel, q, g, gs, books, book, out, bias, step, |row| unsafe { min_max_avx2(row) })
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tables_lanes(
+    kernel: Kernel,
+    t: &[f32],
+    m: usize,
+    g: usize,
+    gs: usize,
+    out: &mut [u8],
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+    min_max: impl Fn(&[f32]) -> (f32, f32),
+) {
+    let mut lo = [0.0f32; MAX_SUBVECTORS];
+    for h in 0..g {
+        let th = &t[h * gs * m..(h + 1) * gs * m];
+        let mut b = 0.0f32;
+        let mut range = 0.0f32;
+        for (row, l) in th.chunks_exact(m).zip(lo.iter_mut()) {
+            let (mn, mx) = min_max(row);
+            *l = mn;
+            b += mn;
+            range = range.max(mx - mn);
+        }
+        let inv = push_step(range, b, bias, step);
+        for (i, (row, &l)) in th.chunks_exact(m).zip(&lo).enumerate() {
+            store_row(kernel, out, gs, h, i, m, row.iter().copied(), l, inv);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn products_lanes(
+    kernel: Kernel,
+    q: &[f32],
+    g: usize,
+    gs: usize,
+    books: &[&[f32]],
+    book: impl Fn(usize) -> usize,
+    out: &mut [u8],
+    bias: &mut Vec<f32>,
+    step: &mut Vec<f32>,
+    min_max: impl Fn(&[f32]) -> (f32, f32),
+) {
+    let m = books.first().map_or(0, |b| b.len());
+    let mut ext = [(0.0f32, 0.0f32); MAX_SUBVECTORS];
+    for (e, b) in ext.iter_mut().zip(books) {
+        *e = min_max(b);
+    }
+    let mut lo = [0.0f32; MAX_SUBVECTORS];
+    for h in 0..g {
+        let qh = &q[h * gs..(h + 1) * gs];
+        let mut b = 0.0f32;
+        let mut range = 0.0f32;
+        for (i, (&x, l)) in qh.iter().zip(lo.iter_mut()).enumerate() {
+            let (cmin, cmax) = ext[book(i)];
+            let (u, v) = (x * cmin, x * cmax);
+            let (mn, mx) = if u < v { (u, v) } else { (v, u) };
+            *l = mn;
+            b += mn;
+            range = range.max(mx - mn);
+        }
+        let inv = push_step(range, b, bias, step);
+        for (i, (&x, &l)) in qh.iter().zip(&lo).enumerate() {
+            store_row(kernel, out, gs, h, i, m, books[book(i)].iter().map(|&c| x * c), l, inv);
+        }
+    }
+}
+
+/// The step that spreads the largest row range over 0..=65535 (1 when there is none), pushed
+/// with the bias; returns its inverse.
+#[inline(always)]
+fn push_step(range: f32, b: f32, bias: &mut Vec<f32>, step: &mut Vec<f32>) -> f32 {
+    let s = if range > 0.0 && range.is_finite() { range / 65535.0 } else { 1.0 };
+    bias.push(b);
+    step.push(s);
+    1.0 / s
+}
+
+/// Quantize one row's values (less `lo`, times `inv`) to u16 entries of head `h`'s tables of
+/// sub-vector `i`: high bytes to byte table 2h, low ones to 2h + 1. Rounded by adding 2^23,
+/// whose float has a unit step up to 2^24, and keeping the low bits, so that the loop
+/// vectorises (`round` is a libm call on the baseline target and a saturating cast goes one
+/// lane at a time); the comparisons clamp to 0..=65535, NaN to 0.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn store_row(kernel: Kernel, out: &mut [u8], gs: usize, h: usize, i: usize, m: usize, row: impl Iterator<Item = f32>, lo: f32, inv: f32) {
+    let q = |x: f32| {
+        let y = (x - lo) * inv;
+        let y = if y > 0.0 { y } else { 0.0 };
+        let y = if y < 65535.0 { y } else { 65535.0 };
+        (y + 8_388_608.0).to_bits() as u16
+    };
+    let (hi, low) = (kernel.at(gs, PLANES * h, i, 0), kernel.at(gs, PLANES * h + 1, i, 0));
+    match kernel {
+        Kernel::Avx2 => {
+            // the two bytes of an entry are neighbours (2h is even, INTERLEAVE a multiple of 2)
+            debug_assert_eq!(low, hi + 1);
+            for (o, x) in out[hi..].chunks_mut(INTERLEAVE).zip(row) {
+                let v = q(x);
+                o[0] = (v >> 8) as u8;
+                o[1] = v as u8;
+            }
+        }
+        _ => {
+            let (a, b) = out.split_at_mut(low);
+            for ((oh, ol), x) in a[hi..hi + m].iter_mut().zip(&mut b[..m]).zip(row) {
+                let v = q(x);
+                *oh = (v >> 8) as u8;
+                *ol = v as u8;
+            }
+        }
+    }
+}
+
+/// Score of a cell from the sums of its head's two byte tables.
+#[inline(always)]
+pub fn score(bias: f32, step: f32, high: u16, low: u16) -> f32 {
+    // below 2^24 (gs <= 256), so exact in f32
+    bias + step * (high as u32 * 256 + low as u32) as f32
+}
+
+/// Smallest and largest of a table row. Each comparison keeps the running value unless the
+/// new one is strictly beyond it, as `minps`/`maxps` do in [`min_max_avx2`], so that both give
+/// the same answer (NaNs aside, which no scan can use anyway).
+fn min_max(row: &[f32]) -> (f32, f32) {
+    let mut mn = [f32::INFINITY; 8];
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for ((a, b), &x) in mn.iter_mut().zip(mx.iter_mut()).zip(c) {
+            *a = if *a < x { *a } else { x };
+            *b = if *b > x { *b } else { x };
+        }
+    }
+    let rest = chunks.remainder();
+    let a = mn.iter().chain(rest).fold(f32::INFINITY, |a, &x| if a < x { a } else { x });
+    let b = mx.iter().chain(rest).fold(f32::NEG_INFINITY, |b, &x| if b > x { b } else { x });
+    (a, b)
+}
+
+/// [`min_max`] in AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn min_max_avx2(row: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let mut mn = _mm256_set1_ps(f32::INFINITY);
+    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        let x = _mm256_loadu_ps(c.as_ptr());
+        mn = _mm256_min_ps(mn, x);
+        mx = _mm256_max_ps(mx, x);
+    }
+    let (mut a, mut b) = ([0.0f32; 8], [0.0f32; 8]);
+    _mm256_storeu_ps(a.as_mut_ptr(), mn);
+    _mm256_storeu_ps(b.as_mut_ptr(), mx);
+    let rest = chunks.remainder();
+    let a = a.iter().chain(rest).fold(f32::INFINITY, |a, &x| if a < x { a } else { x });
+    let b = b.iter().chain(rest).fold(f32::NEG_INFINITY, |b, &x| if b > x { b } else { x });
+    (a, b)
+}
+
+/// Byte-table sum of one cell for byte table `k`: `code(i)` is the cell's code of sub-vector i
+/// (the scans give the same integer for the cell).
+#[inline]
+pub fn cell_sum(kernel: Kernel, tabs: &[u8], gs: usize, k: usize, code: impl Fn(usize) -> u8) -> u16 {
+    (0..gs).map(|i| tabs[kernel.at(gs, k, i, code(i) as usize)] as u32).sum::<u32>() as u16
+}
+
+/// Byte-table sums of `nb` consecutive blocks (1 to [`RUN`]) for `g` byte tables (`PLANES`
+/// per query head): `codes` holds block b's `64 * gs` bytes of one KV head at `b * stride`,
+/// `tabs` the tables in `kernel`'s layout; `out[k * nb * 64 + b * 64 + cell]`, so that a
+/// table's sums of the run are contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn sums(kernel: Kernel, codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    match kernel {
+        // SAFETY: a Vbmi or Avx2 kernel comes only from `Kernel::for_level`, which checked
+        // that the CPU has its features; the lengths are checked inside.
+        Kernel::Vbmi => return unsafe { sums_vbmi(codes, stride, nb, tabs, g, gs, out) },
+        Kernel::Avx2 => return unsafe { sums_avx2(codes, stride, nb, tabs, g, gs, out) },
+        Kernel::Portable => {}
+    }
+    sums_portable(codes, stride, nb, tabs, g, gs, out)
+}
+
+/// The lengths every kernel needs.
+#[allow(clippy::too_many_arguments)]
+fn check(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], tab_bytes: usize, g: usize, gs: usize, out: &[u16]) {
+    assert!(
+        (1..=RUN).contains(&nb)
+            && gs <= MAX_SUBVECTORS
+            && codes.len() >= (nb - 1) * stride + BLOCK * gs
+            && tabs.len() >= tab_bytes
+            && out.len() >= g * nb * BLOCK
+    );
+}
+
+/// The reference for [`sums`] (tables in the portable layout).
+#[allow(clippy::too_many_arguments)]
+pub fn sums_portable(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    check(codes, stride, nb, tabs, g * gs * TABLE, g, gs, out);
+    for h in 0..g {
+        let t = &tabs[h * gs * TABLE..(h + 1) * gs * TABLE];
+        for b in 0..nb {
+            let c = &codes[b * stride..b * stride + BLOCK * gs];
+            for cell in 0..BLOCK {
+                let s: u32 = (0..gs).map(|i| t[i * TABLE + c[i * BLOCK + cell] as usize] as u32).sum();
+                out[(h * nb + b) * BLOCK + cell] = s as u16;
+            }
+        }
+    }
+}
+
+/// 32 cells per pass over the sub-vectors, four 8-cell gathers per sub-vector, each fetching
+/// an entry of up to four byte tables (a u32 whose byte k is table k's). The u16 halves of the
+/// gathered lanes are summed whole (table 0 plus 256 times table 1, wrapping; tables 2 and 3
+/// likewise) and by their high bytes (tables 1 and 3); tables 0 and 2 come out as whole minus
+/// 256 times high, exact because every true sum is below 2^16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sums_avx2(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    check(codes, stride, nb, tabs, Kernel::Avx2.table_bytes(g, gs), g, gs, out);
+    for chunk in 0..g.div_ceil(INTERLEAVE) {
+        let t = tabs.as_ptr().add(chunk * INTERLEAVE * gs * TABLE) as *const i32;
+        let tables = (g - chunk * INTERLEAVE).min(INTERLEAVE);
+        for part in 0..nb * BLOCK / 32 {
+            let (b, half) = (part / 2, part % 2);
+            let mut whole = [_mm256_setzero_si256(); 4];
+            let mut high = [_mm256_setzero_si256(); 4];
+            for i in 0..gs {
+                let cp = codes.as_ptr().add(b * stride + i * BLOCK + half * 32);
+                let c0 = _mm_loadu_si128(cp as *const __m128i);
+                let c1 = _mm_loadu_si128(cp.add(16) as *const __m128i);
+                let idx = [
+                    _mm256_cvtepu8_epi32(c0),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)),
+                    _mm256_cvtepu8_epi32(c1),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)),
+                ];
+                // entries are whole u32s: a gather never reads past the table
+                let row = t.add(i * TABLE);
+                for k in 0..4 {
+                    let r = _mm256_i32gather_epi32::<4>(row, idx[k]);
+                    whole[k] = _mm256_add_epi16(whole[k], r);
+                    high[k] = _mm256_add_epi16(high[k], _mm256_srli_epi16(r, 8));
+                }
+            }
+            for k in 0..4 {
+                let low = _mm256_sub_epi16(whole[k], _mm256_slli_epi16(high[k], 8));
+                let (mut l, mut hh) = ([0u32; 8], [0u32; 8]);
+                _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, low);
+                _mm256_storeu_si256(hh.as_mut_ptr() as *mut __m256i, high[k]);
+                for (cell, (&l, &hh)) in l.iter().zip(&hh).enumerate() {
+                    let per_table = [l as u16, hh as u16, (l >> 16) as u16, (hh >> 16) as u16];
+                    let at = part * 32 + k * 8 + cell;
+                    for (x, &s) in per_table.iter().enumerate().take(tables) {
+                        out[(chunk * INTERLEAVE + x) * nb * BLOCK + at] = s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One code register (64 cells) per sub-vector and block. A 256-entry table is four registers:
+/// `vpermi2b` looks the low 7 bits of each code up in the first two and in the last two, and
+/// bit 7 picks one of the results. A byte table is loaded once for the run's blocks (the
+/// tables of a few heads outgrow the L1 cache, and reloading them per block made the scan wait
+/// on L2). Sums as in the AVX2 kernel: u16 lanes summed whole and by high bytes (cells 2k and
+/// 2k + 1).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sums_vbmi(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    check(codes, stride, nb, tabs, g * gs * TABLE, g, gs, out);
+    for k in 0..g {
+        let t = tabs.as_ptr().add(k * gs * TABLE);
+        let o = out.as_mut_ptr().add(k * nb * BLOCK);
+        let c = codes.as_ptr();
+        match nb {
+            1 => sums_vbmi_blocks::<1>(c, stride, t, gs, o),
+            2 => sums_vbmi_blocks::<2>(c, stride, t, gs, o),
+            3 => sums_vbmi_blocks::<3>(c, stride, t, gs, o),
+            _ => sums_vbmi_blocks::<4>(c, stride, t, gs, o),
+        }
+    }
+}
+
+/// `B` blocks of one byte table for [`sums_vbmi`]: codes of block b at `codes + b * stride`, tables
+/// at `t` (`gs * 256` bytes), sums to `o` (`BLOCK` a block). The caller checked the lengths.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+#[inline]
+unsafe fn sums_vbmi_blocks<const B: usize>(codes: *const u8, stride: usize, t: *const u8, gs: usize, o: *mut u16) {
+    use std::arch::x86_64::*;
+    let mut whole = [_mm512_setzero_si512(); B];
+    let mut high = [_mm512_setzero_si512(); B];
+    for i in 0..gs {
+        let tb = t.add(i * TABLE);
+        let t0 = _mm512_loadu_si512(tb as *const _);
+        let t1 = _mm512_loadu_si512(tb.add(64) as *const _);
+        let t2 = _mm512_loadu_si512(tb.add(128) as *const _);
+        let t3 = _mm512_loadu_si512(tb.add(192) as *const _);
+        for b in 0..B {
+            let c = _mm512_loadu_si512(codes.add(b * stride + i * BLOCK) as *const _);
+            let r = _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), _mm512_permutex2var_epi8(t0, c, t1), _mm512_permutex2var_epi8(t2, c, t3));
+            whole[b] = _mm512_add_epi16(whole[b], r);
+            high[b] = _mm512_add_epi16(high[b], _mm512_srli_epi16(r, 8));
+        }
+    }
+    // u16 lane k holds cell 2k (low sums) and 2k + 1 (high sums): interleave them back
+    static EVEN_ODD: [u16; 64] = {
+        let mut x = [0u16; 64];
+        let mut k = 0;
+        while k < 32 {
+            x[2 * k] = k as u16;
+            x[2 * k + 1] = 32 + k as u16;
+            k += 1;
+        }
+        x
+    };
+    let first = _mm512_loadu_si512(EVEN_ODD.as_ptr() as *const _);
+    let second = _mm512_loadu_si512(EVEN_ODD.as_ptr().add(32) as *const _);
+    for b in 0..B {
+        let low = _mm512_sub_epi16(whole[b], _mm512_slli_epi16(high[b], 8));
+        let o = o.add(b * BLOCK);
+        _mm512_storeu_si512(o as *mut _, _mm512_permutex2var_epi16(low, first, high[b]));
+        _mm512_storeu_si512(o.add(32) as *mut _, _mm512_permutex2var_epi16(low, second, high[b]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    /// Planar tables (head, sub-vector, entry) moved into `kernel`'s layout.
+    fn pack(kernel: Kernel, planar: &[u8], g: usize, gs: usize) -> Vec<u8> {
+        let mut out = vec![0u8; kernel.table_bytes(g, gs)];
+        for h in 0..g {
+            for i in 0..gs {
+                for c in 0..TABLE {
+                    out[kernel.at(gs, h, i, c)] = planar[(h * gs + i) * TABLE + c];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn simd_sums_equal_the_portable_ones() {
+        let mut seed = 0x0fed_cba9_8765_4321u64;
+        for (g, gs, m) in [(1, 64, 256), (3, 64, 256), (4, 32, 256), (2, 16, 256), (3, 64, 64), (5, 16, 200), (8, 32, 256), (7, 3, 256), (2, 1, 17), (6, 13, 100), (1, 256, 256)] {
+            // blocks of other KV heads between this head's: a stride longer than its codes
+            let stride = BLOCK * gs * 2 + 64;
+            let codes: Vec<u8> = (0..(RUN - 1) * stride + BLOCK * gs).map(|_| (rng(&mut seed) % m as u64) as u8).collect();
+            let planar: Vec<u8> = (0..g * gs * TABLE).map(|_| rng(&mut seed) as u8).collect();
+            for nb in 1..=RUN {
+                let mut a = vec![0u16; g * nb * BLOCK];
+                sums_portable(&codes, stride, nb, &planar, g, gs, &mut a);
+                for level in Level::ALL {
+                    let kernel = Kernel::for_level(level);
+                    let tabs = pack(kernel, &planar, g, gs);
+                    let mut b = vec![1u16; g * nb * BLOCK];
+                    sums(kernel, &codes, stride, nb, &tabs, g, gs, &mut b);
+                    assert_eq!(a, b, "g {g} gs {gs} m {m} nb {nb} with {kernel:?}");
+                    for (h, blk, cell) in (0..g).flat_map(|h| (0..nb).flat_map(move |blk| (0..BLOCK).map(move |cell| (h, blk, cell)))) {
+                        let one = cell_sum(kernel, &tabs, gs, h, |i| codes[blk * stride + i * BLOCK + cell]);
+                        assert_eq!(one, a[(h * nb + blk) * BLOCK + cell], "g {g} gs {gs} m {m} with {kernel:?}, block {blk} cell {cell} alone");
+                    }
+                }
+            }
+        }
+        // the largest sums do not overflow, and codes with bit 7 set read the upper half
+        let gs = MAX_SUBVECTORS;
+        let codes: Vec<u8> = (0..BLOCK * gs).map(|k| if k % 2 == 0 { 0xff } else { 0x80 }).collect();
+        let planar = vec![255u8; 2 * gs * TABLE];
+        for level in Level::ALL {
+            let kernel = Kernel::for_level(level);
+            let mut out = vec![0u16; 2 * BLOCK];
+            sums(kernel, &codes, BLOCK * gs, 1, &pack(kernel, &planar, 2, gs), 2, gs, &mut out);
+            assert!(out.iter().all(|&s| s as usize == 255 * gs), "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn every_level_has_its_kernel() {
+        assert_eq!(Kernel::for_level(Level::Portable), Kernel::Portable);
+        for level in [Level::Avx2, Level::Avx512] {
+            let want = match level.usable() {
+                Level::Portable => Kernel::Portable,
+                Level::Avx2 => Kernel::Avx2,
+                Level::Avx512 => if has_vbmi() { Kernel::Vbmi } else { Kernel::Avx2 },
+            };
+            assert_eq!(Kernel::for_level(level), want);
+        }
+    }
+
+    #[test]
+    fn quantized_tables_score_within_the_rounding_bound() {
+        let mut seed = 77u64;
+        for (g, gs, m) in [(3, 64, 256), (2, 32, 64), (5, 16, 40)] {
+            let t: Vec<f32> = (0..g * gs * m).map(|k| (rng(&mut seed) % 20001) as f32 / 1000.0 - 10.0 + (k / m) as f32 * 0.01).collect();
+            let codes: Vec<u8> = (0..BLOCK * gs).map(|_| (rng(&mut seed) % m as u64) as u8).collect();
+            for level in Level::ALL {
+                let kernel = Kernel::for_level(level);
+                let (mut q, mut bias, mut step) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_tables(kernel, &t, m, g, gs, &mut q, &mut bias, &mut step);
+                assert_eq!(q.len(), kernel.table_bytes(PLANES * g, gs));
+                let mut s = vec![0u16; PLANES * g * BLOCK];
+                sums(kernel, &codes, BLOCK * gs, 1, &q, PLANES * g, gs, &mut s);
+                for h in 0..g {
+                    for cell in 0..BLOCK {
+                        let exact: f32 = (0..gs).map(|i| t[(h * gs + i) * m + codes[i * BLOCK + cell] as usize]).sum();
+                        let got = score(bias[h], step[h], s[2 * h * BLOCK + cell], s[(2 * h + 1) * BLOCK + cell]);
+                        assert!((got - exact).abs() <= gs as f32 * step[h] / 2.0 * 1.001 + 1e-3, "{kernel:?} head {h} cell {cell}: {got} vs {exact}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_quantize_as_their_tables_do() {
+        let mut seed = 5u64;
+        let val = |s: &mut u64| (rng(s) % 4001) as f32 / 1000.0 - 2.0;
+        for (g, gs, m, n_books) in [(3, 64, 256, 1), (2, 16, 100, 16), (1, 5, 17, 1)] {
+            let books: Vec<Vec<f32>> = (0..n_books).map(|_| (0..m).map(|_| val(&mut seed)).collect()).collect();
+            let mut q: Vec<f32> = (0..g * gs).map(|_| val(&mut seed)).collect();
+            q[1] = 0.0;
+            q[2] = -0.0;
+            let book = |i: usize| if n_books == 1 { 0 } else { i % n_books };
+            let t: Vec<f32> = (0..g * gs).flat_map(|k| books[book(k % gs)].iter().map(|&c| q[k] * c).collect::<Vec<_>>()).collect();
+            let refs: Vec<&[f32]> = books.iter().map(|b| &b[..]).collect();
+            for level in Level::ALL {
+                let kernel = Kernel::for_level(level);
+                let (mut a, mut ab, mut astep) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_tables(kernel, &t, m, g, gs, &mut a, &mut ab, &mut astep);
+                let (mut b, mut bb, mut bstep) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_products(kernel, &q, g, gs, &refs, book, &mut b, &mut bb, &mut bstep);
+                assert!(a == b && ab == bb && astep == bstep, "g {g} gs {gs} m {m} with {kernel:?}");
+                if kernel == Kernel::Portable {
+                    continue;
+                }
+                // the SIMD builds give the portable bytes
+                let (mut p, mut pb, mut pstep) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_products(Kernel::Portable, &q, g, gs, &refs, book, &mut p, &mut pb, &mut pstep);
+                assert!(pb == bb && pstep == bstep);
+                for k in 0..PLANES * g {
+                    for i in 0..gs {
+                        for c in 0..m {
+                            assert_eq!(p[Kernel::Portable.at(gs, k, i, c)], b[kernel.at(gs, k, i, c)]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn locate_covers_every_byte_once() {
+        let (n, per) = (130, 6);
+        let mut seen = vec![false; bytes_for(n, per)];
+        for cell in 0..n {
+            for i in 0..per {
+                let b = locate(cell, i, per);
+                assert!(!seen[b]);
+                seen[b] = true;
+            }
+        }
+        assert_eq!(seen.iter().filter(|&&s| s).count(), n * per);
+    }
+}
