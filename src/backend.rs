@@ -6,7 +6,7 @@
 //! every graph thread. Sequence operations and state I/O happen between batches.
 
 use std::cell::{RefCell, UnsafeCell};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::approx::{self, Approx, ApproxScratch};
 use crate::attention::{self, BlockScratch, Scale, Scratch, Window};
@@ -130,6 +130,11 @@ pub struct Backend {
 #[derive(Default)]
 struct Shared {
     logits: UnsafeCell<Vec<f32>>,
+    /// stores with levels (`KeyStore::has_levels`): the levels, in the regions of `logits`,
+    /// which then holds only the raw scores of exact cells; and each query head's (bias, step)
+    /// as the bits of two f32
+    levels: UnsafeCell<Vec<u16>>,
+    bias_step: Vec<AtomicU64>,
     ks: Vec<AtomicUsize>,
     barrier: SpinBarrier,
     /// GPU decode: thread 0 writes the selection (or the error) before the barrier, every
@@ -138,7 +143,7 @@ struct Shared {
     gpu_error: UnsafeCell<Option<Error>>,
 }
 
-// SAFETY: `logits` is resized only by `apply` (&mut self); during an op, threads write disjoint
+// SAFETY: `logits` and `levels` are resized only by `apply` (&mut self); during an op, threads write disjoint
 // regions before the barrier and only read after it. `selection` and `gpu_error` are written
 // by thread 0 only, before the barrier, and read by all only after it.
 unsafe impl Sync for Shared {}
@@ -467,7 +472,12 @@ impl Backend {
             if logits.len() < need {
                 logits.resize(need, 0.0);
             }
+            let levels = self.shared.levels.get_mut();
+            if levels.len() < need && self.layers.iter().any(|l| l.keys.has_levels()) {
+                levels.resize(need, 0);
+            }
             self.shared.ks.resize_with(n_head.max(self.shared.ks.len()), AtomicUsize::default);
+            self.shared.bias_step.resize_with(n_head.max(self.shared.bias_step.len()), AtomicU64::default);
         }
         self.plan = plan;
         Ok(())
@@ -626,8 +636,9 @@ impl Backend {
     }
 
     /// The decode path of `attend` for one token, each step split across the threads:
-    /// 1. logits, by (KV head, chunk of cells): as many chunks per KV head as make the item
-    ///    count a multiple of the thread count;
+    /// 1. logits (for 4-bit codes, the scan's levels: see `approx::softmax_levels`), by (KV
+    ///    head, chunk of cells): as many chunks per KV head as make the item count a multiple
+    ///    of the thread count;
     /// 2. softmax and, with one k per layer, each head's k, by query head;
     /// 3. selection and the value sum, by query head (the same heads as step 2, so that the
     ///    probabilities stay in the thread's scratch).
@@ -656,14 +667,41 @@ impl Backend {
             g * (kvh * n + lo)
         };
         let heads = (d.n_head * ith / nth)..(d.n_head * (ith + 1) / nth);
+        let with_levels = layer.keys.has_levels();
+        // SAFETY: as `base` (apply sized it when a layer has levels).
+        let lv_base = unsafe { (*sh.levels.get()).as_mut_ptr() };
+        debug_assert!(!with_levels || unsafe { (*sh.levels.get()).len() } >= d.n_head * n);
+        // where head h's cells lo..hi lie in the regions: (offset, lo, hi) per chunk
+        let spans = |h: usize| {
+            let (kvh, hg) = (h / g, h % g);
+            (0..chunks).map(move |c| {
+                let (_, lo, hi) = range(kvh * chunks + c);
+                (region(kvh * chunks + c) + hg * (hi - lo), lo, hi)
+            })
+        };
         APPROX.with(|s| -> Result<()> {
             let s = &mut *s.borrow_mut();
             for i in items * ith / nth..items * (ith + 1) / nth {
                 let (kvh, lo, hi) = range(i);
                 // SAFETY: this item's region, written by this thread only (see `Shared`).
                 let dst = unsafe { std::slice::from_raw_parts_mut(base.add(region(i)), g * (hi - lo)) };
-                // SAFETY: the keys were stored before this op and are not written during it.
-                unsafe { approx::logits(&layer.keys, kvh, g, d.dk, &cells[lo..hi], |h| q.row(0, kvh * g + h), call.scale, s, dst, hi - lo) };
+                let q = |h| q.row(0, kvh * g + h);
+                if with_levels {
+                    // SAFETY: as `dst`, in the levels.
+                    let lv = unsafe { std::slice::from_raw_parts_mut(lv_base.add(region(i)), g * (hi - lo)) };
+                    let mut bs = std::mem::take(&mut s.bias_step);
+                    bs.resize(g, (0.0, 0.0));
+                    // SAFETY: the keys were stored before this op and are not written during it.
+                    unsafe { approx::levels(&layer.keys, kvh, g, d.dk, &cells[lo..hi], q, s, lv, dst, hi - lo, &mut bs) };
+                    // every chunk of a KV head finds the same (bias, step): one query, one store
+                    for (h, &(b, st)) in bs.iter().enumerate() {
+                        sh.bias_step[kvh * g + h].store((b.to_bits() as u64) << 32 | st.to_bits() as u64, Ordering::Relaxed);
+                    }
+                    s.bias_step = bs;
+                } else {
+                    // SAFETY: the keys were stored before this op and are not written during it.
+                    unsafe { approx::logits(&layer.keys, kvh, g, d.dk, &cells[lo..hi], q, call.scale, s, dst, hi - lo) };
+                }
             }
             sh.barrier.wait(nth)?;
             // SAFETY: step 1 is over on every thread; from here the logits are only read.
@@ -674,15 +712,28 @@ impl Backend {
                 s.hists.resize_with(heads.len(), Default::default);
             }
             for (k, h) in heads.clone().enumerate() {
-                let (kvh, hg) = (h / g, h % g);
                 let p = &mut probs[k * n..(k + 1) * n];
-                for c in 0..chunks {
-                    let (_, lo, hi) = range(kvh * chunks + c);
-                    let at = region(kvh * chunks + c) + hg * (hi - lo);
-                    p[lo..hi].copy_from_slice(&all[at..at + hi - lo]);
+                let sink = call.sinks.map(|x| x[h]);
+                if with_levels {
+                    // SAFETY: as `all`, in the levels.
+                    let lv_all = unsafe { std::slice::from_raw_parts(lv_base as *const u16, d.n_head * n) };
+                    let mut lv = std::mem::take(&mut s.levels);
+                    lv.resize(n, 0);
+                    for (at, lo, hi) in spans(h) {
+                        lv[lo..hi].copy_from_slice(&lv_all[at..at + hi - lo]);
+                    }
+                    let raw = |j: usize| spans(h).find(|&(_, lo, hi)| (lo..hi).contains(&j)).map_or(0.0, |(at, lo, _)| all[at + j - lo]);
+                    let bs = sh.bias_step[h].load(Ordering::Relaxed);
+                    let (bias, step) = (f32::from_bits((bs >> 32) as u32), f32::from_bits(bs as u32));
+                    approx::softmax_levels(&lv, bias, step, raw, call.scale, sink, p, &mut s.hists[k], &mut s.level_scratch);
+                    s.levels = lv;
+                } else {
+                    for (at, lo, hi) in spans(h) {
+                        p[lo..hi].copy_from_slice(&all[at..at + hi - lo]);
+                    }
+                    approx::softmax(p, sink);
+                    s.hists[k].build(p);
                 }
-                approx::softmax(p, call.sinks.map(|x| x[h]));
-                s.hists[k].build(p);
                 if a.layer_k {
                     sh.ks[h].store(s.top.count_with(p, &s.hists[k], a.tau), Ordering::Relaxed);
                 }

@@ -153,7 +153,28 @@ pub struct Prep {
     /// 8-bit PQ: the kernel whose layout `tab8` has
     kernel8: scan8::Kernel,
     exact: Vec<f32>,
+    /// 4-bit PQ: the levels `scores` converts
+    levels: Vec<u16>,
 }
+
+impl Prep {
+    /// Query head `h`'s (bias, step) of the 4-bit scan: a coded cell at `level` scores
+    /// [`level_score`]`(bias, step, level)` (see [`KeyStore::levels`]).
+    pub fn bias_step(&self, h: usize) -> (f32, f32) {
+        (self.bias[h], self.step[h])
+    }
+}
+
+/// The score of a coded cell at `level` of the 4-bit scan: the same f32 that
+/// [`KeyStore::scores`] writes.
+#[inline(always)]
+pub fn level_score(bias: f32, step: f32, level: u16) -> f32 {
+    bias + step * level as f32
+}
+
+/// The level of a cell whose keys are exact (see [`KeyStore::levels`]); a 4-bit sum is at most
+/// 255 * [`scan::MAX_SUBVECTORS`], below it.
+pub const EXACT_LEVEL: u16 = u16::MAX;
 
 /// PQ codes of every cell, `per` codes a cell: 4 bits each up to 16 centroids (in the blocked
 /// layout of [`crate::scan`]), one byte up to 256 (in the blocked layout of [`crate::scan8`]),
@@ -613,6 +634,21 @@ impl KeyStore {
     /// # Safety
     /// No thread writes these cells during the call.
     pub unsafe fn scores(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], out: &mut [f32], stride: usize) {
+        if self.has_levels() && prep.scan {
+            let mut lv = std::mem::take(&mut prep.levels);
+            lv.resize(g * stride, 0);
+            self.levels(kvh, prep, g, cells, &mut lv, out, stride);
+            for h in 0..g {
+                let (o, l) = (&mut out[h * stride..h * stride + cells.len()], &lv[h * stride..h * stride + cells.len()]);
+                for (o, &l) in o.iter_mut().zip(l) {
+                    if l != EXACT_LEVEL {
+                        *o = level_score(prep.bias[h], prep.step[h], l);
+                    }
+                }
+            }
+            prep.levels = lv;
+            return;
+        }
         let n = stride;
         let dk = self.dk;
         prep.exact.resize(dk, 0.0);
@@ -644,18 +680,6 @@ impl KeyStore {
                     let m = *centroids;
                     let per = gs * m;
                     match &codes.data {
-                        CodeData::Nibble(v) if prep.scan => {
-                            // a whole block is scanned once and serves its cells that follow
-                            let b = c / scan::BLOCK;
-                            if b != block {
-                                let off = codes.at.block(kvh, b * scan::BLOCK, true);
-                                scan::sums(&v[off..off + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
-                                block = b;
-                            }
-                            for h in 0..g {
-                                out[h * n + at] = prep.bias[h] + prep.step[h] * prep.sums[h * scan::BLOCK + c % scan::BLOCK] as f32;
-                            }
-                        }
                         CodeData::Narrow(v) if prep.scan => {
                             let b = c / scan8::BLOCK;
                             if b != block && b != sparse {
@@ -734,9 +758,79 @@ impl KeyStore {
         }
     }
 
-    /// The scans' fast case: when `cells[j..]` starts with the cells of one code block in order,
-    /// all coded, scan the block (for 8-bit codes, up to [`scan8::RUN`] such blocks that follow
-    /// each other) and write their scores with one loop. Returns the cells done: the blocks'
+    /// Whether [`levels`](Self::levels) serves this store: 16-centroid codebooks, fitted (4-bit
+    /// codes, scanned with quantized tables).
+    pub fn has_levels(&self) -> bool {
+        matches!(&self.coded, Coded::Pq { books, centroids: 16, dim, .. } if !books.is_empty() && self.dk / dim <= scan::MAX_SUBVECTORS)
+    }
+
+    /// The 4-bit scan's integer sums (levels) of the g query heads against KV head `kvh` of each
+    /// cell, as `lv[h * stride + j]`. A coded cell scores [`level_score`] of its level and its
+    /// head's `prep.bias_step(h)`; an exact
+    /// cell gets [`EXACT_LEVEL`] and its raw score <q_h, k> in `exact[h * stride + j]` (the
+    /// other entries of `exact` are left alone). Scores are a few thousand distinct levels, so
+    /// the softmax can take one exp per level rather than one per cell
+    /// ([`crate::approx::softmax_levels`]). Needs [`has_levels`](Self::has_levels) and the
+    /// query prepared.
+    ///
+    /// # Safety
+    /// No thread writes these cells during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn levels(&self, kvh: usize, prep: &mut Prep, g: usize, cells: &[(i32, u32)], lv: &mut [u16], exact: &mut [f32], stride: usize) {
+        let Coded::Pq { codes, dim, .. } = &self.coded else {
+            return;
+        };
+        let CodeData::Nibble(v) = &codes.data else {
+            return;
+        };
+        const B: usize = scan::BLOCK;
+        let (dk, gs, n) = (self.dk, self.dk / dim, cells.len());
+        assert!(prep.scan && lv.len() >= (g - 1) * stride + n && exact.len() >= (g - 1) * stride + n);
+        prep.exact.resize(dk, 0.0);
+        // the block whose sums prep.sums holds
+        let mut block = usize::MAX;
+        let mut j = 0;
+        while j < n {
+            let c = cells[j].1 as usize;
+            // the fast case: a whole block of coded cells, in order
+            if c.is_multiple_of(B)
+                && j + B <= n
+                && cells[j..j + B].iter().enumerate().all(|(x, e)| e.1 as usize == c + x)
+                && self.slab.slot[c..c + B].iter().all(|&s| s == NONE)
+            {
+                let at = codes.at.block(kvh, c, true);
+                scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+                for h in 0..g {
+                    lv[h * stride + j..h * stride + j + B].copy_from_slice(&prep.sums[h * B..(h + 1) * B]);
+                }
+                block = usize::MAX;
+                j += B;
+                continue;
+            }
+            if self.slab.has(c) {
+                self.exact_row(c, kvh).convert_to_f32_slice(&mut prep.exact);
+                for h in 0..g {
+                    lv[h * stride + j] = EXACT_LEVEL;
+                    exact[h * stride + j] = dot(&prep.q[h * dk..(h + 1) * dk], &prep.exact);
+                }
+            } else {
+                // a block scanned once serves its cells that follow
+                if c / B != block {
+                    let at = codes.at.block(kvh, c / B * B, true);
+                    scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
+                    block = c / B;
+                }
+                for h in 0..g {
+                    lv[h * stride + j] = prep.sums[h * B + c % B];
+                }
+            }
+            j += 1;
+        }
+    }
+
+    /// The 8-bit scan's fast case: when `cells[j..]` starts with the cells of one code block in
+    /// order, all coded, scan up to [`scan8::RUN`] such blocks that follow each other and write
+    /// their scores with one loop. Returns the cells done: the blocks'
     /// worth, or 0 (and nothing written) otherwise.
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -744,10 +838,10 @@ impl KeyStore {
         let Coded::Pq { codes: Codes { data, at: layout }, dim, .. } = &self.coded else {
             return 0;
         };
+        // 4-bit codes are scanned by `levels`
         let (block, most) = match data {
-            CodeData::Nibble(_) => (scan::BLOCK, 1),
             CodeData::Narrow(_) => (scan8::BLOCK, scan8::RUN),
-            CodeData::Wide(_) => return 0,
+            CodeData::Nibble(_) | CodeData::Wide(_) => return 0,
         };
         let c0 = cells[j].1 as usize;
         if !c0.is_multiple_of(block) {
@@ -767,17 +861,6 @@ impl KeyStore {
         let gs = self.dk / dim;
         let len = nb * block;
         match data {
-            CodeData::Nibble(v) => {
-                let at = layout.block(kvh, c0, true);
-                scan::sums(&v[at..at + gs * 16], &prep.tab8, g, gs, &mut prep.sums);
-                for h in 0..g {
-                    let (bias, step) = (prep.bias[h], prep.step[h]);
-                    let dst = &mut out[h * stride + j..h * stride + j + len];
-                    for (o, &s) in dst.iter_mut().zip(&prep.sums[h * len..(h + 1) * len]) {
-                        *o = bias + step * s as f32;
-                    }
-                }
-            }
             CodeData::Narrow(v) => {
                 // a plane's blocks follow each other
                 let (at, skip) = (layout.block(kvh, c0, false), gs * block);
@@ -793,7 +876,7 @@ impl KeyStore {
                     }
                 }
             }
-            CodeData::Wide(_) => return 0,
+            CodeData::Nibble(_) | CodeData::Wide(_) => return 0,
         }
         len
     }
@@ -1060,6 +1143,22 @@ mod tests {
                         // the scan's u8 tables round each sub-vector's entry by up to step / 2
                         let rounding = if prep.scan && c != 5 { (dk / codec_dim(codec)) as f32 * prep.step[h] / 2.0 } else { 0.0 };
                         assert!((want - got).abs() <= 1e-3 * (1.0 + want.abs()) + rounding * 1.001, "{codec:?} cell {c}: {got} vs {want}");
+                    }
+                }
+                // 4-bit codes: the levels behind those scores, exact cells marked
+                assert_eq!(st.has_levels(), matches!(codec, KeyCodec::Pq { centroids: 16, .. }), "{codec:?}");
+                if st.has_levels() {
+                    let (mut lv, mut raw) = (vec![0u16; g * n], vec![f32::NAN; g * n]);
+                    unsafe { st.levels(kvh, &mut prep, g, &cells, &mut lv, &mut raw, n) };
+                    for c in 0..n {
+                        for h in 0..g {
+                            let (l, (bias, step)) = (lv[h * n + c], prep.bias_step(h));
+                            if c == 5 {
+                                assert_eq!((l, raw[h * n + c]), (EXACT_LEVEL, out[h * n + c]));
+                            } else {
+                                assert_eq!(level_score(bias, step, l), out[h * n + c], "{codec:?} cell {c}");
+                            }
+                        }
                     }
                 }
                 // any order and any subset of cells scores the same as the whole list in order
