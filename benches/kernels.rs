@@ -198,7 +198,7 @@ fn kernels(c: &mut Criterion) {
             h
         })
         .collect();
-    let picks: Vec<Pick> = (0..G).map(|k| Pick { p: &ps[k], bucket: hists[k].buckets(), cut: top.cut_top_k_with(&ps[k], &hists[k], N * 15 / 100) }).collect();
+    let picks: Vec<Pick> = (0..G).map(|k| Pick { p: &ps[k], cut: top.cut_top_k_with(&ps[k], &hists[k], N * 15 / 100) }).collect();
     let sels: Vec<Vec<u32>> = (0..G)
         .map(|k| {
             let mut s = Vec::new();

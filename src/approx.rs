@@ -41,6 +41,10 @@ pub struct ApproxScratch {
     pub(crate) raw: Vec<f32>,
     pub(crate) bias_step: Vec<(f32, f32)>,
     pub(crate) level_scratch: LevelScratch,
+    /// each head's cut, and the value sums' partial sums and masses per chunk
+    pub(crate) cuts: Vec<Cut>,
+    pub(crate) parts: Vec<f32>,
+    pub(crate) part_mass: Vec<f64>,
 }
 
 /// Scratch of [`softmax_levels`].
@@ -533,62 +537,136 @@ pub fn select_and_sum<'a>(
 /// Most query heads whose value sums share one pass over their selections' union.
 pub const UNION_HEADS: usize = 4;
 
-/// [`select_and_sum`] for `hists.len()` query heads of one KV head (`probs` holds their
-/// probabilities one after another, `out` their dv outputs each). Where the union kernel
-/// applies (AVX-512; 2 to 4 heads of dv 64, or 2 of dv 128), each value row in the
-/// union of the heads' selections is read once for all of them: the rows are scattered over
-/// the value store and each read waits on memory, so fewer reads is what makes the sum
-/// faster. Otherwise one selection and sum per head.
-#[allow(clippy::too_many_arguments)]
-pub fn select_and_sum_group<'a>(
-    level: Level,
-    probs: &[f32],
-    hists: &[Histogram],
-    cells: &[(i32, u32)],
-    a: Approx,
-    k_layer: Option<usize>,
-    top: &mut TopP,
-    sel: &mut Vec<u32>,
-    val: impl Fn(u32) -> &'a [f16],
-    out: &mut [f32],
-) {
-    let (heads, n) = (hists.len(), cells.len());
-    let dv = out.len().checked_div(heads).unwrap_or(0);
-    assert!(probs.len() >= heads * n && out.len() == heads * dv);
-    let level = level.usable();
-    if level >= Level::Avx512 && heads >= 2 && union_avx512_fits(heads, dv) {
-        let mut picks = [Pick { p: &[], bucket: &[], cut: Cut::NONE }; UNION_HEADS];
-        for (k, pick) in picks.iter_mut().enumerate().take(heads) {
-            let (p, h) = (&probs[k * n..(k + 1) * n], &hists[k]);
-            let cut = match k_layer {
-                Some(kl) => top.cut_top_k_with(p, h, kl),
-                None => top.cut_with(p, h, a.tau).0,
-            };
-            *pick = Pick { p, bucket: h.buckets(), cut };
-        }
-        let mut mass = [0f64; UNION_HEADS];
-        union_sum_with(level, &picks[..heads], cells, val, out, &mut mass[..heads]);
-        if a.renorm {
-            for (o, m) in out.chunks_exact_mut(dv).zip(mass) {
-                if m > 0.0 {
-                    let w = (1.0 / m) as f32;
-                    o.iter_mut().for_each(|x| *x *= w);
-                }
-            }
-        }
-        return;
-    }
-    for (k, h) in hists.iter().enumerate() {
-        select_and_sum(&probs[k * n..(k + 1) * n], h, cells, a, k_layer, top, sel, &val, &mut out[k * dv..(k + 1) * dv]);
+/// Cells per chunk of the value sums. Each chunk's sum over the selected rows is one work item
+/// of the decode's last step, so that the threads share the value reads evenly whatever the
+/// head count; the chunks' partial sums are then added in chunk order, so the result has the
+/// same bits on any number of threads.
+pub const VALUE_CHUNK: usize = 1024;
+
+/// Chunks of [`VALUE_CHUNK`] cells over n visible cells (at least one).
+pub fn value_chunks(n: usize) -> usize {
+    n.div_ceil(VALUE_CHUNK).max(1)
+}
+
+/// The cut of one head: its top-p set at `a.tau`, or its top `k_layer` tokens. `h` is the
+/// histogram of `p`.
+pub fn cut(p: &[f32], h: &Histogram, a: Approx, k_layer: Option<usize>, top: &mut TopP) -> Cut {
+    match k_layer {
+        Some(k) => top.cut_top_k_with(p, h, k),
+        None => top.cut_with(p, h, a.tau).0,
     }
 }
 
-/// One head's share of a union value sum: its probabilities, their histogram buckets and its
-/// selection.
+/// The partial value sums over chunk `c` (see [`VALUE_CHUNK`]) of the query heads of one KV
+/// head, whose probabilities `probs` holds one after another and whose cuts are `cuts`:
+/// `out[k * dv..]` = sum over the chunk's tokens j that head k's cut takes of
+/// `p_k[j] * val(cells[j])`, `mass[k]` = sum of those p_k[j] (f64, in index order). With
+/// AVX-512 and a row length of 64 or 128, up to [`UNION_HEADS`] (4 or 2) heads share one pass
+/// over their selections' union, which reads each value row once for all of them: the rows
+/// are scattered over the value store and each read waits on memory. Otherwise each head
+/// collects its tokens and sums them with [`weighted_sum`].
+#[allow(clippy::too_many_arguments)]
+pub fn chunk_sums<'a>(
+    level: Level,
+    probs: &[f32],
+    cuts: &[Cut],
+    cells: &[(i32, u32)],
+    c: usize,
+    val: impl Fn(u32) -> &'a [f16],
+    out: &mut [f32],
+    mass: &mut [f64],
+    sel: &mut Vec<u32>,
+) {
+    let (heads, n) = (cuts.len(), cells.len());
+    assert!(heads > 0 && out.len().is_multiple_of(heads) && mass.len() == heads && probs.len() >= heads * n);
+    let dv = out.len() / heads;
+    let range = (c * VALUE_CHUNK).min(n)..((c + 1) * VALUE_CHUNK).min(n);
+    let p = |k: usize| &probs[k * n..(k + 1) * n];
+    let level = level.usable();
+    let per = match dv {
+        64 => UNION_HEADS,
+        128 => 2,
+        _ => 0,
+    };
+    if level >= Level::Avx512 && per > 0 {
+        let mut k0 = 0;
+        while k0 < heads {
+            let k1 = (k0 + per).min(heads);
+            let mut picks = [Pick { p: &[], cut: Cut::NONE }; UNION_HEADS];
+            for (k, pick) in (k0..k1).zip(picks.iter_mut()) {
+                *pick = Pick { p: p(k), cut: cuts[k] };
+            }
+            union_sum_range(level, &picks[..k1 - k0], cells, range.clone(), &val, &mut out[k0 * dv..k1 * dv], &mut mass[k0..k1]);
+            k0 = k1;
+        }
+        return;
+    }
+    for k in 0..heads {
+        let (pk, cut) = (p(k), cuts[k]);
+        // every index written, the length advanced when taken: no branch on a scattered set
+        sel.clear();
+        sel.resize(range.len() + 1, 0);
+        let mut len = 0;
+        for j in range.clone() {
+            sel[len] = j as u32;
+            len += cut.takes_p(j, pk[j]) as usize;
+        }
+        sel.truncate(len);
+        weighted_sum(pk, sel, 1.0, cells, &val, &mut out[k * dv..(k + 1) * dv]);
+        mass[k] = sel.iter().map(|&j| pk[j as usize] as f64).sum();
+    }
+}
+
+/// One query head's output from its partial sums (`parts`: each chunk's dv sums and mass, in
+/// chunk order): their sum, divided by the selected mass with `renorm`.
+pub fn finish_sums<'a>(parts: impl Iterator<Item = (&'a [f32], f64)>, renorm: bool, out: &mut [f32]) {
+    out.iter_mut().for_each(|x| *x = 0.0);
+    let mut mass = 0.0f64;
+    for (o, m) in parts {
+        out.iter_mut().zip(o).for_each(|(x, y)| *x += y);
+        mass += m;
+    }
+    if renorm && mass > 0.0 {
+        let w = (1.0 / mass) as f32;
+        out.iter_mut().for_each(|x| *x *= w);
+    }
+}
+
+/// The value sums of the query heads of one KV head (`probs` and `cuts` as [`chunk_sums`]
+/// takes them), chunk by chunk and then finished ([`finish_sums`]) as the decode's split
+/// steps do them, so that one thread gives the bits that several give. `parts` and
+/// `part_mass` are scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn value_sums<'a>(
+    level: Level,
+    probs: &[f32],
+    cuts: &[Cut],
+    cells: &[(i32, u32)],
+    renorm: bool,
+    val: impl Fn(u32) -> &'a [f16],
+    out: &mut [f32],
+    parts: &mut Vec<f32>,
+    part_mass: &mut Vec<f64>,
+    sel: &mut Vec<u32>,
+) {
+    let (heads, chunks) = (cuts.len(), value_chunks(cells.len()));
+    let dv = out.len() / heads;
+    parts.resize(chunks * heads * dv, 0.0);
+    part_mass.resize(chunks * heads, 0.0);
+    for c in 0..chunks {
+        let (o, m) = (&mut parts[c * heads * dv..(c + 1) * heads * dv], &mut part_mass[c * heads..(c + 1) * heads]);
+        chunk_sums(level, probs, cuts, cells, c, &val, o, m, sel);
+    }
+    for k in 0..heads {
+        let parts = (0..chunks).map(|c| (&parts[(c * heads + k) * dv..(c * heads + k + 1) * dv], part_mass[c * heads + k]));
+        finish_sums(parts, renorm, &mut out[k * dv..(k + 1) * dv]);
+    }
+}
+
+/// One head's share of a union value sum: its probabilities and its cut.
 #[derive(Clone, Copy)]
 pub struct Pick<'a> {
     pub p: &'a [f32],
-    pub bucket: &'a [u16],
     pub cut: Cut,
 }
 
@@ -596,27 +674,41 @@ pub struct Pick<'a> {
 /// `p[j] * val(cells[j])`, and `mass[k]` = sum of those p[j] (f64, in index order).
 /// Each value row is read once however many picks take it.
 pub fn union_sum_with<'a>(level: Level, picks: &[Pick], cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    union_sum_range(level, picks, cells, 0..cells.len(), val, out, mass)
+}
+
+/// [`union_sum_with`] over the tokens in `range` only.
+pub fn union_sum_range<'a>(
+    level: Level,
+    picks: &[Pick],
+    cells: &[(i32, u32)],
+    range: std::ops::Range<usize>,
+    val: impl Fn(u32) -> &'a [f16],
+    out: &mut [f32],
+    mass: &mut [f64],
+) {
     let (heads, n) = (picks.len(), cells.len());
-    assert!(heads > 0 && out.len().is_multiple_of(heads) && mass.len() == heads);
-    assert!(picks.iter().all(|k| k.p.len() >= n && k.bucket.len() >= n));
+    assert!(heads > 0 && out.len().is_multiple_of(heads) && mass.len() == heads && range.end <= n);
+    assert!(picks.iter().all(|k| k.p.len() >= n));
     let dv = out.len() / heads;
     #[cfg(target_arch = "x86_64")]
     if level.usable() >= Level::Avx512 && union_avx512_fits(heads, dv) {
         // SAFETY: AVX-512 is present (`usable` checked it); lengths were checked above.
-        return unsafe { union_sum_avx512(picks, cells, val, out, mass) };
+        return unsafe { union_sum_avx512(picks, cells, range, val, out, mass) };
     }
     let _ = level;
-    union_sum_portable(picks, cells, val, out, mass)
+    union_sum_portable(picks, cells, range, val, out, mass)
 }
 
-/// The reference for [`union_sum_with`].
-pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+/// The reference for [`union_sum_range`].
+pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
     let dv = out.len() / picks.len();
     out.iter_mut().for_each(|x| *x = 0.0);
     mass.iter_mut().for_each(|m| *m = 0.0);
-    for (j, &(_, c)) in cells.iter().enumerate() {
+    for j in range {
+        let c = cells[j].1;
         for (k, pk) in picks.iter().enumerate() {
-            if pk.cut.takes(j, pk.bucket[j], pk.p[j]) {
+            if pk.cut.takes_p(j, pk.p[j]) {
                 mass[k] += pk.p[j] as f64;
                 for (x, v) in out[k * dv..(k + 1) * dv].iter_mut().zip(val(c)) {
                     *x += pk.p[j] * v.to_f32();
@@ -631,52 +723,81 @@ fn union_avx512_fits(heads: usize, dv: usize) -> bool {
     matches!((heads, dv), (1..=4, 64) | (1..=2, 128))
 }
 
-/// [`union_sum_with`] for AVX-512, dispatched to a kernel whose accumulators are all in
+/// [`union_sum_range`] for AVX-512, dispatched to a kernel whose accumulators are all in
 /// registers. The caller checked [`union_avx512_fits`] and the lengths.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn union_sum_avx512<'a>(picks: &[Pick], cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+unsafe fn union_sum_avx512<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
     match (picks.len(), out.len() / picks.len()) {
-        (1, 64) => union_sum_avx512_k::<1, 4>(picks, cells, val, out, mass),
-        (2, 64) => union_sum_avx512_k::<2, 4>(picks, cells, val, out, mass),
-        (3, 64) => union_sum_avx512_k::<3, 4>(picks, cells, val, out, mass),
-        (4, 64) => union_sum_avx512_k::<4, 4>(picks, cells, val, out, mass),
-        (1, 128) => union_sum_avx512_k::<1, 8>(picks, cells, val, out, mass),
-        _ => union_sum_avx512_k::<2, 8>(picks, cells, val, out, mass),
+        (1, 64) => union_sum_avx512_k::<1, 4>(picks, cells, range, val, out, mass),
+        (2, 64) => union_sum_avx512_k::<2, 4>(picks, cells, range, val, out, mass),
+        (3, 64) => union_sum_avx512_k::<3, 4>(picks, cells, range, val, out, mass),
+        (4, 64) => union_sum_avx512_k::<4, 4>(picks, cells, range, val, out, mass),
+        (1, 128) => union_sum_avx512_k::<1, 8>(picks, cells, range, val, out, mass),
+        _ => union_sum_avx512_k::<2, 8>(picks, cells, range, val, out, mass),
     }
 }
 
+/// Which of the 32 tokens from `at` the cut takes, bit j for token `at + j`: the
+/// probabilities' order keys compared with the boundary's (16 lanes a compare), as
+/// [`Cut::takes_p`] decides one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn take_mask32(p: &[f32], at: usize, cut: Cut) -> u32 {
+    use std::arch::x86_64::*;
+    assert!(at + 32 <= p.len());
+    if cut == Cut::NONE {
+        return 0;
+    }
+    let (ck, ci) = (_mm512_set1_epi32(cut.key() as i32), _mm512_set1_epi32(cut.index() as i32));
+    let top = _mm512_set1_epi32(i32::MIN);
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut take = 0u32;
+    for half in 0..2 {
+        let from = at + 16 * half;
+        let b = _mm512_loadu_si512(p.as_ptr().add(from) as *const _);
+        // the total_cmp key: the sign bit set on a positive value, every bit flipped on a negative one
+        let key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), top));
+        let idx = _mm512_add_epi32(_mm512_set1_epi32(from as i32), iota);
+        let above = _mm512_cmpgt_epu32_mask(key, ck);
+        let tie = _mm512_cmpeq_epi32_mask(key, ck) & _mm512_cmple_epu32_mask(idx, ci);
+        take |= ((above | tie) as u32) << (16 * half);
+    }
+    take
+}
+
 /// `G` picks, `L` vectors of 16 values a row. 32 tokens a step: each pick's cut as a bit mask
-/// (a compare of the buckets, then a look at the few tokens in its edge bucket), then every
-/// token in the masks' union: its row converted once and added into each pick that takes it
-/// (a masked FMA, so that a pick that does not take the row is not touched even by a
-/// non-finite value).
+/// ([`take_mask32`]), then every token in the masks' union: its row converted once and added
+/// into each pick that takes it (a masked FMA, so that a pick that does not take the row is
+/// not touched even by a non-finite value).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn union_sum_avx512_k<'a, const G: usize, const L: usize>(
     picks: &[Pick],
     cells: &[(i32, u32)],
+    range: std::ops::Range<usize>,
     val: impl Fn(u32) -> &'a [f16],
     out: &mut [f32],
     mass: &mut [f64],
 ) {
     use std::arch::x86_64::*;
-    let n = cells.len();
+    let n = range.end;
     let dv = 16 * L;
-    assert!(picks.len() == G && out.len() == G * dv && mass.len() == G);
+    assert!(picks.len() == G && out.len() == G * dv && mass.len() == G && n <= cells.len());
     let mut acc = [[_mm512_setzero_ps(); L]; G];
     let mut m = [0f64; G];
     let mut take = [0u32; G];
-    let mut i = 0;
+    let mut i = range.start;
     while i < n {
         let mut union = 0u32;
         for (k, pk) in picks.iter().enumerate() {
             let mut t = 0u32;
             if i + 32 <= n {
-                t = crate::select::take_mask32(pk.bucket, i, pk.cut.edge(), true, |j| pk.cut.takes_in_edge(j, pk.p[j]));
+                t = take_mask32(pk.p, i, pk.cut);
             } else {
                 for j in i..n {
-                    t |= (pk.cut.takes(j, pk.bucket[j], pk.p[j]) as u32) << (j - i);
+                    t |= (pk.cut.takes_p(j, pk.p[j]) as u32) << (j - i);
                 }
             }
             take[k] = t;
@@ -777,13 +898,17 @@ pub unsafe fn approximate<'a>(
         }
     }
     let k_layer = a.layer_k.then(|| layer_k(&s.ks, n));
-    for (i, kvh) in kv_heads.enumerate() {
-        let o = out(kvh);
-        for h in 0..g {
-            let p = &probs[(i * g + h) * n..(i * g + h + 1) * n];
-            select_and_sum(p, &s.hists[i * g + h], cells, a, k_layer, &mut s.top, &mut s.sel, |c| val(c, kvh), &mut o[h * dv..(h + 1) * dv]);
-        }
+    let mut cuts = std::mem::take(&mut s.cuts);
+    cuts.clear();
+    for (i, hist) in s.hists[..heads].iter().enumerate() {
+        cuts.push(cut(&probs[i * n..(i + 1) * n], hist, a, k_layer, &mut s.top));
     }
+    for (i, kvh) in kv_heads.enumerate() {
+        let (p, c) = (&probs[i * g * n..(i + 1) * g * n], &cuts[i * g..(i + 1) * g]);
+        let o = &mut out(kvh)[..g * dv];
+        value_sums(crate::simd::level(), p, c, cells, a.renorm, |c| val(c, kvh), o, &mut s.parts, &mut s.part_mass, &mut s.sel);
+    }
+    s.cuts = cuts;
     s.probs = probs;
 }
 
@@ -849,7 +974,7 @@ mod tests {
                             Some(kl) => top.cut_top_k_with(&ps[k], &hists[k], kl),
                             None => top.cut_with(&ps[k], &hists[k], 0.9).0,
                         };
-                        Pick { p: &ps[k], bucket: hists[k].buckets(), cut }
+                        Pick { p: &ps[k], cut }
                     })
                     .collect();
                 // the reference: each head's list, then its own sum
@@ -866,6 +991,13 @@ mod tests {
                     want_mass[k] = sel.iter().map(|&j| ps[k][j as usize] as f64).sum();
                     weighted_sum_portable(&ps[k], &sel, 1.0, &cells, |c| &rows[c as usize], &mut want[k * dv..(k + 1) * dv]);
                 }
+                // and over a part of the tokens only
+                let part = n / 3..2 * n / 3;
+                let mut want_part = vec![0f32; heads * dv];
+                for (k, pk) in picks.iter().enumerate() {
+                    let sel: Vec<u32> = part.clone().filter(|&j| pk.cut.takes_p(j, pk.p[j])).map(|j| j as u32).collect();
+                    weighted_sum_portable(pk.p, &sel, 1.0, &cells, |c| &rows[c as usize], &mut want_part[k * dv..(k + 1) * dv]);
+                }
                 for level in Level::ALL {
                     let (mut got, mut mass) = (vec![7f32; heads * dv], vec![7f64; heads]);
                     union_sum_with(level, &picks, &cells, |c| &rows[c as usize], &mut got, &mut mass);
@@ -873,6 +1005,10 @@ mod tests {
                     assert_eq!(mass, want_mass, "{what}");
                     for (x, y) in want.iter().zip(&got) {
                         assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}: {x} vs {y}");
+                    }
+                    union_sum_range(level, &picks, &cells, part.clone(), |c| &rows[c as usize], &mut got, &mut mass);
+                    for (x, y) in want_part.iter().zip(&got) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}, tokens {part:?}: {x} vs {y}");
                     }
                 }
             }
@@ -897,7 +1033,7 @@ mod tests {
         let mut top = TopP::default();
         let c0 = top.cut_with(&p0, &h0, 0.5).0;
         let c1 = top.cut_with(&p1, &h1, 0.5).0;
-        let picks = [Pick { p: &p0, bucket: h0.buckets(), cut: c0 }, Pick { p: &p1, bucket: h1.buckets(), cut: c1 }];
+        let picks = [Pick { p: &p0, cut: c0 }, Pick { p: &p1, cut: c1 }];
         for level in Level::ALL {
             let (mut out, mut mass) = (vec![0f32; 2 * dv], vec![0f64; 2]);
             union_sum_with(level, &picks, &cells, |c| &rows[c as usize], &mut out, &mut mass);
@@ -907,32 +1043,50 @@ mod tests {
     }
 
     #[test]
-    fn group_selection_and_sum_equals_one_per_head() {
+    fn chunked_value_sums_equal_one_sum_per_head_in_any_chunk_order() {
         let mut seed = 5u64;
-        let (heads, dv, n) = (3usize, 64usize, 2000usize);
-        let rows: Vec<Vec<f16>> = (0..n).map(|c| (0..dv).map(|d| f16::from_f32(((c * 17 + d * 5) % 89) as f32 / 40.0 - 1.0)).collect()).collect();
-        let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
-        let probs_all: Vec<f32> = (0..heads).flat_map(|_| probs(n, &mut seed)).collect();
-        let hists: Vec<Histogram> = probs_all
-            .chunks_exact(n)
-            .map(|p| {
-                let mut h = Histogram::default();
-                h.build(p);
-                h
-            })
-            .collect();
-        for (renorm, k_layer) in [(true, None), (false, None), (true, Some(300)), (false, Some(300))] {
-            let a = Approx { tau: 0.9, renorm, layer_k: k_layer.is_some() };
-            let mut want = vec![0f32; heads * dv];
-            let (mut top, mut sel) = (TopP::default(), Vec::new());
-            for k in 0..heads {
-                select_and_sum(&probs_all[k * n..(k + 1) * n], &hists[k], &cells, a, k_layer, &mut top, &mut sel, |c| &rows[c as usize], &mut want[k * dv..(k + 1) * dv]);
-            }
-            for level in Level::ALL {
-                let mut got = vec![0f32; heads * dv];
-                select_and_sum_group(level, &probs_all, &hists, &cells, a, k_layer, &mut top, &mut sel, |c| &rows[c as usize], &mut got);
-                for (x, y) in want.iter().zip(&got) {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{:?} renorm {renorm} k {k_layer:?}: {x} vs {y}", level.usable());
+        for (heads, dv, n) in [(3usize, 64usize, 2000usize), (5, 64, 4500), (4, 128, 1500), (3, 32, 2100), (1, 256, 700)] {
+            let rows: Vec<Vec<f16>> = (0..n).map(|c| (0..dv).map(|d| f16::from_f32(((c * 17 + d * 5) % 89) as f32 / 40.0 - 1.0)).collect()).collect();
+            let cells: Vec<(i32, u32)> = (0..n as u32).map(|c| (c as i32, c)).collect();
+            let probs_all: Vec<f32> = (0..heads).flat_map(|_| probs(n, &mut seed)).collect();
+            let hists: Vec<Histogram> = probs_all
+                .chunks_exact(n)
+                .map(|p| {
+                    let mut h = Histogram::default();
+                    h.build(p);
+                    h
+                })
+                .collect();
+            for (renorm, k_layer) in [(true, None), (false, None), (true, Some(300)), (false, Some(300))] {
+                let a = Approx { tau: 0.9, renorm, layer_k: k_layer.is_some() };
+                let (mut top, mut sel) = (TopP::default(), Vec::new());
+                // the reference: each head's list and its sum in one pass
+                let mut want = vec![0f32; heads * dv];
+                for k in 0..heads {
+                    select_and_sum(&probs_all[k * n..(k + 1) * n], &hists[k], &cells, a, k_layer, &mut top, &mut sel, |c| &rows[c as usize], &mut want[k * dv..(k + 1) * dv]);
+                }
+                let cuts: Vec<Cut> = (0..heads).map(|k| cut(&probs_all[k * n..(k + 1) * n], &hists[k], a, k_layer, &mut top)).collect();
+                for level in Level::ALL {
+                    let what = format!("{:?} heads {heads} dv {dv} renorm {renorm} k {k_layer:?}", level.usable());
+                    let mut got = vec![0f32; heads * dv];
+                    let (mut parts, mut part_mass) = (Vec::new(), Vec::new());
+                    value_sums(level, &probs_all, &cuts, &cells, renorm, |c| &rows[c as usize], &mut got, &mut parts, &mut part_mass, &mut sel);
+                    for (x, y) in want.iter().zip(&got) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}: {x} vs {y}");
+                    }
+                    // the chunks run in another order (as threads would), then finished in order:
+                    // the same bits
+                    let chunks = value_chunks(n);
+                    let mut by_chunk = vec![(vec![0f32; heads * dv], vec![0f64; heads]); chunks];
+                    for c in (0..chunks).rev() {
+                        let (o, m) = &mut by_chunk[c];
+                        chunk_sums(level, &probs_all, &cuts, &cells, c, |c| &rows[c as usize], o, m, &mut sel);
+                    }
+                    for k in 0..heads {
+                        let mut again = vec![0f32; dv];
+                        finish_sums(by_chunk.iter().map(|(o, m)| (&o[k * dv..(k + 1) * dv], m[k])), renorm, &mut again);
+                        assert_eq!(again, got[k * dv..(k + 1) * dv], "{what}: head {k}");
+                    }
                 }
             }
         }

@@ -17,6 +17,7 @@ use crate::keys::KeyStore;
 use crate::calibration::{CodebookFile, Identity};
 use crate::options::{CodebookSource, KeyCodec, Options, Prefill, Select, Values};
 use crate::rows::Rows;
+use crate::select::Cut;
 
 /// One attention layer as llama.cpp describes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +136,13 @@ struct Shared {
     /// as the bits of two f32
     levels: UnsafeCell<Vec<u16>>,
     bias_step: Vec<AtomicU64>,
+    /// each query head's probabilities (n a head) and cut, written by the thread that owns the
+    /// head in step 2 and read by every thread in step 3; the partial value sums (g * dv) and
+    /// masses (g) of each (KV head, chunk) item of step 3, read in step 4
+    probs: UnsafeCell<Vec<f32>>,
+    cuts: UnsafeCell<Vec<Cut>>,
+    parts: UnsafeCell<Vec<f32>>,
+    part_mass: UnsafeCell<Vec<f64>>,
     ks: Vec<AtomicUsize>,
     barrier: SpinBarrier,
     /// GPU decode: thread 0 writes the selection (or the error) before the barrier, every
@@ -143,7 +151,7 @@ struct Shared {
     gpu_error: UnsafeCell<Option<Error>>,
 }
 
-// SAFETY: `logits` and `levels` are resized only by `apply` (&mut self); during an op, threads write disjoint
+// SAFETY: the buffers are resized only by `apply` (&mut self); during an op, threads write disjoint
 // regions before the barrier and only read after it. `selection` and `gpu_error` are written
 // by thread 0 only, before the barrier, and read by all only after it.
 unsafe impl Sync for Shared {}
@@ -476,6 +484,23 @@ impl Backend {
             if levels.len() < need && self.layers.iter().any(|l| l.keys.has_levels()) {
                 levels.resize(need, 0);
             }
+            let probs = self.shared.probs.get_mut();
+            if probs.len() < need {
+                probs.resize(need, 0.0);
+            }
+            let cuts = self.shared.cuts.get_mut();
+            if cuts.len() < n_head {
+                cuts.resize(n_head, Cut::NONE);
+            }
+            let dv = self.layers.iter().map(|l| l.desc.dv).max().unwrap_or(0);
+            let chunks = approx::value_chunks(plan.lists[0].len());
+            let (parts, part_mass) = (self.shared.parts.get_mut(), self.shared.part_mass.get_mut());
+            if parts.len() < n_head * chunks * dv {
+                parts.resize(n_head * chunks * dv, 0.0);
+            }
+            if part_mass.len() < n_head * chunks {
+                part_mass.resize(n_head * chunks, 0.0);
+            }
             self.shared.ks.resize_with(n_head.max(self.shared.ks.len()), AtomicUsize::default);
             self.shared.bias_step.resize_with(n_head.max(self.shared.bias_step.len()), AtomicU64::default);
         }
@@ -706,13 +731,15 @@ impl Backend {
             sh.barrier.wait(nth)?;
             // SAFETY: step 1 is over on every thread; from here the logits are only read.
             let all = unsafe { std::slice::from_raw_parts(base as *const f32, d.n_head * n) };
-            let mut probs = std::mem::take(&mut s.probs);
-            probs.resize(heads.len() * n, 0.0);
+            // SAFETY: apply sized it for n_head * n; this thread writes its heads' rows only.
+            let probs_base = unsafe { (*sh.probs.get()).as_mut_ptr() };
+            debug_assert!(unsafe { (*sh.probs.get()).len() } >= d.n_head * n);
             if s.hists.len() < heads.len() {
                 s.hists.resize_with(heads.len(), Default::default);
             }
             for (k, h) in heads.clone().enumerate() {
-                let p = &mut probs[k * n..(k + 1) * n];
+                // SAFETY: head h's row, written by this thread only (see `Shared`).
+                let p = unsafe { std::slice::from_raw_parts_mut(probs_base.add(h * n), n) };
                 let sink = call.sinks.map(|x| x[h]);
                 if with_levels {
                     // SAFETY: as `all`, in the levels.
@@ -745,18 +772,45 @@ impl Backend {
             } else {
                 None
             };
-            // this thread's heads, in runs that share a KV head (and so their value rows)
-            let mut k = 0;
-            while k < heads.len() {
-                let h = heads.start + k;
-                let (kvh, run) = (h / g, (g - h % g).min(heads.len() - k));
+            // SAFETY: apply sized it for n_head; this thread writes its heads' cuts only.
+            let cuts_base = unsafe { (*sh.cuts.get()).as_mut_ptr() };
+            for (k, h) in heads.clone().enumerate() {
+                // SAFETY: written above by this thread.
+                let p = unsafe { std::slice::from_raw_parts(probs_base.add(h * n), n) };
+                let cut = approx::cut(p, &s.hists[k], a, k_layer, &mut s.top);
+                // SAFETY: head h's cut, written by this thread only.
+                unsafe { *cuts_base.add(h) = cut };
+            }
+            sh.barrier.wait(nth)?;
+            // SAFETY: step 2 is over on every thread; from here probabilities and cuts are only
+            // read.
+            let (probs, cuts) = unsafe { (std::slice::from_raw_parts(probs_base as *const f32, d.n_head * n), std::slice::from_raw_parts(cuts_base as *const Cut, d.n_head)) };
+            // 3. the value sums by (KV head, chunk of cells), into each item's partial sums
+            let chunks = approx::value_chunks(n);
+            let (parts_base, mass_base) = unsafe { ((*sh.parts.get()).as_mut_ptr(), (*sh.part_mass.get()).as_mut_ptr()) };
+            debug_assert!(unsafe { (*sh.parts.get()).len() >= d.n_head * chunks * d.dv && (*sh.part_mass.get()).len() >= d.n_head * chunks });
+            let items = d.n_head_kv * chunks;
+            for i in items * ith / nth..items * (ith + 1) / nth {
+                let (kvh, c) = (i / chunks, i % chunks);
                 // SAFETY: values were stored before this op and are not written during it.
                 let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
-                let (p, hists) = (&probs[k * n..(k + run) * n], &s.hists[k..k + run]);
-                approx::select_and_sum_group(crate::simd::level(), p, hists, cells, a, k_layer, &mut s.top, &mut s.sel, val, out.span(0, h, run * d.dv));
-                k += run;
+                // SAFETY: item i's partial sums (g * dv) and masses (g), written by this thread only.
+                let (o, m) = unsafe { (std::slice::from_raw_parts_mut(parts_base.add(i * g * d.dv), g * d.dv), std::slice::from_raw_parts_mut(mass_base.add(i * g), g)) };
+                let (p, cut) = (&probs[kvh * g * n..(kvh + 1) * g * n], &cuts[kvh * g..(kvh + 1) * g]);
+                approx::chunk_sums(crate::simd::level(), p, cut, cells, c, val, o, m, &mut s.sel);
             }
-            s.probs = probs;
+            sh.barrier.wait(nth)?;
+            // 4. each head's output from its KV head's chunks, in chunk order
+            // SAFETY: step 3 is over on every thread; the partial sums are only read now.
+            let (parts, masses) = unsafe { (std::slice::from_raw_parts(parts_base as *const f32, d.n_head * chunks * d.dv), std::slice::from_raw_parts(mass_base as *const f64, d.n_head * chunks)) };
+            for h in heads {
+                let (kvh, hg) = (h / g, h % g);
+                let part = |c: usize| {
+                    let i = kvh * chunks + c;
+                    (&parts[(i * g + hg) * d.dv..(i * g + hg + 1) * d.dv], masses[i * g + hg])
+                };
+                approx::finish_sums((0..chunks).map(part), a.renorm, out.span(0, h, d.dv));
+            }
             Ok(())
         })
     }

@@ -276,6 +276,27 @@ impl Cut {
         bucket > self.edge || (bucket == self.edge && self.takes_in_edge(i, p))
     }
 
+    /// [`takes`](Self::takes) from the probability alone: by its order key, which the buckets
+    /// follow, so the answer is the same for every cut that [`TopP`] makes, and for
+    /// [`Cut::ALL`] and [`Cut::NONE`].
+    #[inline(always)]
+    pub fn takes_p(&self, i: usize, p: f32) -> bool {
+        let k = key(p);
+        self.edge != Cut::NONE.edge && (k > self.key || (k == self.key && i as u32 <= self.index))
+    }
+
+    /// The order key (as [`f32::total_cmp`] orders) of the boundary token; a token whose key
+    /// is above it is taken.
+    pub fn key(&self) -> u32 {
+        self.key
+    }
+
+    /// The boundary token: among the tokens with its key, those at or below this index are
+    /// taken.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
     /// [`takes`](Self::takes) for a token in the edge bucket.
     #[inline(always)]
     pub fn takes_in_edge(&self, i: usize, p: f32) -> bool {
@@ -548,6 +569,31 @@ pub(crate) mod tests {
     fn sorted_set(mut v: Vec<u32>) -> Vec<u32> {
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn a_cut_takes_the_same_tokens_by_bucket_and_by_probability() {
+        let mut seed = 3u64;
+        let z: Vec<f32> = (0..3000).map(|i| if i % 7 == 0 { 2.0 } else { rng(&mut seed) * 6.0 }).collect();
+        let mut p = softmax(&z);
+        // a few exact zeros and a value above 1 (rounding) at the ends of the buckets
+        p[5] = 0.0;
+        p[6] = 1.0000001;
+        let mut h = Histogram::default();
+        h.build(&p);
+        let mut top = TopP::default();
+        let mut cuts = vec![Cut::ALL, Cut::NONE];
+        for tau in [0.1f32, 0.5, 0.9, 0.99, 1.0] {
+            cuts.push(top.cut_with(&p, &h, tau).0);
+        }
+        for k in [0, 1, 7, 2999, 3000] {
+            cuts.push(top.cut_top_k_with(&p, &h, k));
+        }
+        for cut in cuts {
+            for (i, &x) in p.iter().enumerate() {
+                assert_eq!(cut.takes(i, h.buckets()[i], x), cut.takes_p(i, x), "{cut:?} token {i} p {x}");
+            }
+        }
     }
 
     #[test]

@@ -97,11 +97,14 @@ fn decode_split_over_1_to_16_threads_gives_one_threads_logits() {
     register();
     let model = load(&smollm2());
     let all = model.tokenize(&text(), true).unwrap();
-    let (prompt, next) = (&all[..600], &all[600..616]);
+    // past 1024 cells, so that the value sums run in two chunks (approx::VALUE_CHUNK) that
+    // the threads share
+    let (prompt, next) = (&all[..1300], &all[1300..1316]);
+    assert!(prompt.len() > hcattn::approx::VALUE_CHUNK);
     let run = |opts: &str, threads: i32| {
         let o = ContextOptions {
-            n_ctx: 1024,
-            n_batch: 1024,
+            n_ctx: 1536,
+            n_batch: 1536,
             n_ubatch: 512,
             n_threads: threads,
             kv_backend: Some("hc".into()),
