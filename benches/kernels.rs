@@ -8,7 +8,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use half::f16;
 
 use hcattn::attention::{exact_block_with, BlockScratch, Scale};
-use hcattn::approx::{softmax, softmax_with, union_sum_with, weighted_sum_with, Pick};
+use hcattn::approx::{softmax, softmax_levels_with, softmax_with, union_sum_with, value_sums, weighted_sum_with, LevelScratch, Pick};
 use hcattn::codebook::{Codebook, KMeans};
 use hcattn::keys::{KeyStore, Prep};
 use hcattn::options::{KeyCodec, Scope};
@@ -163,6 +163,17 @@ fn kernels(c: &mut Criterion) {
             b.iter(|| softmax_with(level, black_box(&mut l), None))
         });
     }
+    // the 4-bit decode's softmax and histogram from the scan's levels (about 600 levels
+    // between the lowest and highest sum, as SmolLM2's heads have 370 to 770 at 32768 tokens),
+    // against softmax then histogram above
+    let lv: Vec<u16> = (0..N).map(|_| 2000 + ((r.next() + r.next() + r.next() + r.next()) * 150.0) as u16).collect();
+    let scale = Scale { kq_scale: 0.125, softcap: 0.0 };
+    for level in levels() {
+        let (mut q, mut h, mut ls) = (vec![0f32; N], Histogram::default(), LevelScratch::default());
+        grp.bench_function(format!("softmax_and_histogram_from_levels_{}", level.name()), |b| {
+            b.iter(|| softmax_levels_with(level, black_box(&lv), -20.0, 0.01, |_| 0.0, scale, None, &mut q, &mut h, &mut ls))
+        });
+    }
     for level in levels() {
         let mut top = TopP::at(level);
         grp.bench_function(format!("top_p_0.9_{}", level.name()), |b| b.iter(|| top.select(black_box(&p), 0.9, &mut sel)));
@@ -222,6 +233,15 @@ fn kernels(c: &mut Criterion) {
                 b.iter(|| union_sum_with(level, black_box(&picks), &cells, |c| &rows[c as usize], &mut outs, &mut mass))
             });
         }
+    }
+    // what the decode runs: the same sums chunk by chunk (1024 cells), then added in order
+    let probs_all: Vec<f32> = ps.concat();
+    let cuts: Vec<_> = picks.iter().map(|k| k.cut).collect();
+    let (mut parts, mut part_mass) = (Vec::new(), Vec::new());
+    for level in levels() {
+        grp.bench_function(format!("3_heads_by_chunk_{}", level.name()), |b| {
+            b.iter(|| value_sums(level, black_box(&probs_all), &cuts, &cells, true, |c| &rows[c as usize], &mut outs, &mut parts, &mut part_mass, &mut sel))
+        });
     }
     grp.finish();
 

@@ -58,6 +58,16 @@ pub struct LevelScratch {
     exact_e: Vec<f32>,
 }
 
+/// The g query heads' scoring tables in `s.prep`. The queries are rounded to f16 as stock
+/// rounds them, so that exact rows score as in stock.
+fn prepare_queries<'a>(keys: &KeyStore, g: usize, dk: usize, q: impl Fn(usize) -> &'a [f32], s: &mut ApproxScratch) {
+    s.q.clear();
+    for h in 0..g {
+        s.q.extend(q(h)[..dk].iter().map(|&x| f16::from_f32(x).to_f32()));
+    }
+    keys.prepare(&s.q, g, &mut s.prep);
+}
+
 /// Logits of the `g` query heads of KV head `kvh` against `cells`, written as
 /// `out[h * stride + j]`. `q(h)` gives query head h of the group (f32, at least dk).
 ///
@@ -76,12 +86,7 @@ pub unsafe fn logits<'a>(
     out: &mut [f32],
     stride: usize,
 ) {
-    s.q.clear();
-    for h in 0..g {
-        // queries rounded to f16 as stock rounds them, so that exact rows score as in stock
-        s.q.extend(q(h)[..dk].iter().map(|&x| f16::from_f32(x).to_f32()));
-    }
-    keys.prepare(&s.q, g, &mut s.prep);
+    prepare_queries(keys, g, dk, q, s);
     keys.scores(kvh, &mut s.prep, g, cells, out, stride);
     let n = cells.len();
     for h in 0..g {
@@ -115,12 +120,7 @@ pub unsafe fn levels<'a>(
     stride: usize,
     bias_step: &mut [(f32, f32)],
 ) {
-    s.q.clear();
-    for h in 0..g {
-        // rounded to f16 as `logits` does
-        s.q.extend(q(h)[..dk].iter().map(|&x| f16::from_f32(x).to_f32()));
-    }
-    keys.prepare(&s.q, g, &mut s.prep);
+    prepare_queries(keys, g, dk, q, s);
     keys.levels(kvh, &mut s.prep, g, cells, lv, raw, stride);
     for (h, bs) in bias_step.iter_mut().enumerate().take(g) {
         *bs = s.prep.bias_step(h);
@@ -273,11 +273,20 @@ fn softmax_levels_body(
     ls.prob.clear();
     ls.prob.resize(w, 0.0);
     let prob = &mut ls.prob[..w];
-    let mut sum = 0.0f64;
-    for k in 0..r {
-        let e = exp(logit(lo + k as u16) - m);
-        sum += count[k] as f64 * e as f64;
-        prob[k] = e;
+    for (k, e) in prob[..r].iter_mut().enumerate() {
+        *e = exp(logit(lo + k as u16) - m);
+    }
+    // 8 partial sums, so that the loop vectorises; the same order at every level
+    let mut lanes = [0.0f64; 8];
+    let (whole, rest) = (r / 8 * 8, r % 8);
+    for (c, e) in count[..whole].chunks_exact(8).zip(prob[..whole].chunks_exact(8)) {
+        for i in 0..8 {
+            lanes[i] += c[i] as f64 * e[i] as f64;
+        }
+    }
+    let mut sum = lanes.iter().sum::<f64>();
+    for k in whole..whole + rest {
+        sum += count[k] as f64 * prob[k] as f64;
     }
     for e in ls.exact_e.iter_mut() {
         *e = exp(*e - m);

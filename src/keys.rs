@@ -768,8 +768,9 @@ impl KeyStore {
     /// cell, as `lv[h * stride + j]`. A coded cell scores [`level_score`] of its level and its
     /// head's `prep.bias_step(h)`; an exact
     /// cell gets [`EXACT_LEVEL`] and its raw score <q_h, k> in `exact[h * stride + j]` (the
-    /// other entries of `exact` are left alone). Scores are a few thousand distinct levels, so
-    /// the softmax can take one exp per level rather than one per cell
+    /// other entries of `exact` are left alone). A head's levels span a few hundred values
+    /// (370 to 770 for SmolLM2's heads at 32768 cells), so the softmax can take one exp per
+    /// level rather than one per cell
     /// ([`crate::approx::softmax_levels`]). Needs [`has_levels`](Self::has_levels) and the
     /// query prepared.
     ///
