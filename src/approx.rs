@@ -611,19 +611,41 @@ pub fn chunk_sums<'a>(
         return;
     }
     for k in 0..heads {
-        let (pk, cut) = (p(k), cuts[k]);
-        // every index written, the length advanced when taken: no branch on a scattered set
-        sel.clear();
-        sel.resize(range.len() + 1, 0);
-        let mut len = 0;
-        for j in range.clone() {
-            sel[len] = j as u32;
-            len += cut.takes_p(j, pk[j]) as usize;
-        }
-        sel.truncate(len);
-        weighted_sum(pk, sel, 1.0, cells, &val, &mut out[k * dv..(k + 1) * dv]);
+        let pk = p(k);
+        collect_cut(level, pk, cuts[k], range.clone(), sel);
+        weighted_sum_with(level, pk, sel, 1.0, cells, &val, &mut out[k * dv..(k + 1) * dv]);
         mass[k] = sel.iter().map(|&j| pk[j as usize] as f64).sum();
     }
+}
+
+/// The tokens in `range` that `cut` takes, in order, into `sel`: 32 at a time as a bit mask
+/// with AVX2 or AVX-512, then one index per set bit.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn collect_cut(level: Level, p: &[f32], cut: Cut, range: std::ops::Range<usize>, sel: &mut Vec<u32>) {
+    assert!(range.end <= p.len());
+    sel.clear();
+    sel.reserve(range.len());
+    let mut j = range.start;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let level = level.usable();
+        while level >= Level::Avx2 && j + 32 <= range.end {
+            // SAFETY: the CPU has the level's features (`usable`); j + 32 <= p.len().
+            let mut m = unsafe {
+                if level >= Level::Avx512 {
+                    take_mask32(p, j, cut)
+                } else {
+                    take_mask32_avx2(p, j, cut)
+                }
+            };
+            while m != 0 {
+                sel.push((j + m.trailing_zeros() as usize) as u32);
+                m &= m - 1;
+            }
+            j += 32;
+        }
+    }
+    sel.extend((j..range.end).filter(|&i| cut.takes_p(i, p[i])).map(|i| i as u32));
 }
 
 /// One query head's output from its partial sums (`parts`: each chunk's dv sums and mass, in
@@ -772,6 +794,35 @@ unsafe fn take_mask32(p: &[f32], at: usize, cut: Cut) -> u32 {
         let above = _mm512_cmpgt_epu32_mask(key, ck);
         let tie = _mm512_cmpeq_epi32_mask(key, ck) & _mm512_cmple_epu32_mask(idx, ci);
         take |= ((above | tie) as u32) << (16 * half);
+    }
+    take
+}
+
+/// [`take_mask32`] with AVX2: 8 lanes a compare. AVX2 compares signed, so keys and indices
+/// are compared with their top bit flipped, which orders them as unsigned.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn take_mask32_avx2(p: &[f32], at: usize, cut: Cut) -> u32 {
+    use std::arch::x86_64::*;
+    assert!(at + 32 <= p.len() && p.len() <= i32::MAX as usize);
+    if cut == Cut::NONE {
+        return 0;
+    }
+    let top = _mm256_set1_epi32(i32::MIN);
+    let (ck, ci) = (_mm256_set1_epi32((cut.key() ^ 0x8000_0000) as i32), _mm256_set1_epi32((cut.index() ^ 0x8000_0000) as i32));
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut take = 0u32;
+    for part in 0..4 {
+        let from = at + 8 * part;
+        let b = _mm256_loadu_si256(p.as_ptr().add(from) as *const __m256i);
+        // the total_cmp key, top bit flipped: the bits of a positive value, every bit but the
+        // top one flipped on a negative one
+        let key = _mm256_xor_si256(b, _mm256_srli_epi32(_mm256_srai_epi32(b, 31), 1));
+        let idx = _mm256_xor_si256(_mm256_add_epi32(_mm256_set1_epi32(from as i32), iota), top);
+        let above = _mm256_cmpgt_epi32(key, ck);
+        let tie = _mm256_andnot_si256(_mm256_cmpgt_epi32(idx, ci), _mm256_cmpeq_epi32(key, ck));
+        take |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(above, tie))) as u32) << (8 * part);
     }
     take
 }
@@ -1048,6 +1099,37 @@ mod tests {
             union_sum_with(level, &picks, &cells, |c| &rows[c as usize], &mut out, &mut mass);
             assert!(out[..dv].iter().all(|x| x.is_infinite()), "{level:?}: head 0 takes the infinite row");
             assert!(out[dv..].iter().all(|x| x.is_finite() && *x > 0.0), "{level:?}: head 1 does not");
+        }
+    }
+
+    #[test]
+    fn collected_cuts_are_the_tokens_the_cut_takes_at_every_level() {
+        let mut seed = 9u64;
+        let n = 3000;
+        let mut p = probs(n, &mut seed);
+        // the ends of the order: zeros, a negative zero, a value just above 1
+        p[3] = 0.0;
+        p[4] = -0.0;
+        p[40] = 1.0000001;
+        let mut h = Histogram::default();
+        h.build(&p);
+        let mut top = TopP::default();
+        let mut cuts = vec![Cut::ALL, Cut::NONE];
+        for tau in [0.2f32, 0.9, 0.999] {
+            cuts.push(top.cut_with(&p, &h, tau).0);
+        }
+        for k in [1, 333, n - 1] {
+            cuts.push(top.cut_top_k_with(&p, &h, k));
+        }
+        let mut sel = Vec::new();
+        for cut in cuts {
+            for range in [0..n, 5..1030, 1024..2048, 2990..3000, 7..7] {
+                let want: Vec<u32> = range.clone().filter(|&i| cut.takes_p(i, p[i])).map(|i| i as u32).collect();
+                for level in Level::ALL {
+                    collect_cut(level, &p, cut, range.clone(), &mut sel);
+                    assert_eq!(sel, want, "{cut:?} {range:?} at {:?}", level.usable());
+                }
+            }
         }
     }
 
