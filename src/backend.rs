@@ -125,9 +125,10 @@ pub struct Backend {
 }
 
 /// The one-token decode path (see `Backend::attend_one`) splits each step across the op's
-/// threads. Step 1 writes logits here, one region per (KV head, chunk of cells) work item:
-/// g rows of the chunk's length, back to back, in the order of the items. Step 2 reads them
-/// (after the barrier) and writes each head's k.
+/// threads. Step 1 writes logits (or levels) here, one region per (KV head, chunk of cells)
+/// work item: g rows of the chunk's length, back to back, in the order of the items. Step 2
+/// reads them (after the barrier) and writes each head's k, probabilities and cut; step 3
+/// reads those and writes partial value sums, which step 4 adds up.
 #[derive(Default)]
 struct Shared {
     logits: UnsafeCell<Vec<f32>>,
@@ -664,9 +665,12 @@ impl Backend {
     /// 1. logits (for 4-bit codes, the scan's levels: see `approx::softmax_levels`), by (KV
     ///    head, chunk of cells): as many chunks per KV head as make the item count a multiple
     ///    of the thread count;
-    /// 2. softmax and, with one k per layer, each head's k, by query head;
-    /// 3. selection and the value sum, by query head (the same heads as step 2, so that the
-    ///    probabilities stay in the thread's scratch).
+    /// 2. softmax, the histogram and each head's cut (with one k per layer, after a barrier
+    ///    for the layer's k), by query head, into the shared probabilities and cuts;
+    /// 3. the value sums, by (KV head, chunk of `approx::VALUE_CHUNK` cells), into partial
+    ///    sums: the threads share the value reads evenly whatever the head count;
+    /// 4. each head's output, its partial sums added in chunk order (the same bits on any
+    ///    thread count), by query head.
     #[allow(clippy::too_many_arguments)]
     fn attend_one(&self, call: &Call, layer: &Layer, q: &dyn Input, out: &dyn Output, a: Approx, ith: usize, nth: usize) -> Result<()> {
         let d = &layer.desc;
