@@ -510,8 +510,9 @@ unsafe fn weighted_sum_avx512<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32,
     }
 }
 
-/// The selection of one head and its value sum: the top-p set (`k_layer` None), or the top
-/// `k_layer` tokens. `h` is the histogram of `p`. Writes dv outputs.
+/// The selection of one head and its value sum in one pass: the top-p set (`k_layer` None), or
+/// the top `k_layer` tokens. `h` is the histogram of `p`. Writes dv outputs. The reference that
+/// the decode's chunked sums ([`value_sums`]) and the GPU tier's are tested against.
 #[allow(clippy::too_many_arguments)]
 pub fn select_and_sum<'a>(
     p: &[f32],
@@ -531,8 +532,7 @@ pub fn select_and_sum<'a>(
         }
     }
     // as the union pass does it (`union_sum_with`): the plain weighted sum, then the mass
-    // summed in index order scales it, so that a head gives the same bits whether its sum runs
-    // alone or in its KV head's union pass (and so whatever the thread count)
+    // summed in index order scales it
     weighted_sum(p, sel, 1.0, cells, val, out);
     if a.renorm {
         let mass = sel.iter().map(|&j| p[j as usize] as f64).sum::<f64>();

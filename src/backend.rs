@@ -790,30 +790,32 @@ impl Backend {
             // read.
             let (probs, cuts) = unsafe { (std::slice::from_raw_parts(probs_base as *const f32, d.n_head * n), std::slice::from_raw_parts(cuts_base as *const Cut, d.n_head)) };
             // 3. the value sums by (KV head, chunk of cells), into each item's partial sums
-            let chunks = approx::value_chunks(n);
+            let value_chunks = approx::value_chunks(n);
+            // SAFETY: apply sized them for n_head * value_chunks (* dv); item i writes its own
+            // g (* dv) entries only.
             let (parts_base, mass_base) = unsafe { ((*sh.parts.get()).as_mut_ptr(), (*sh.part_mass.get()).as_mut_ptr()) };
-            debug_assert!(unsafe { (*sh.parts.get()).len() >= d.n_head * chunks * d.dv && (*sh.part_mass.get()).len() >= d.n_head * chunks });
-            let items = d.n_head_kv * chunks;
-            for i in items * ith / nth..items * (ith + 1) / nth {
-                let (kvh, c) = (i / chunks, i % chunks);
+            debug_assert!(unsafe { (*sh.parts.get()).len() >= d.n_head * value_chunks * d.dv && (*sh.part_mass.get()).len() >= d.n_head * value_chunks });
+            let value_items = d.n_head_kv * value_chunks;
+            for i in value_items * ith / nth..value_items * (ith + 1) / nth {
+                let (kvh, chunk) = (i / value_chunks, i % value_chunks);
                 // SAFETY: values were stored before this op and are not written during it.
                 let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
-                // SAFETY: item i's partial sums (g * dv) and masses (g), written by this thread only.
+                // SAFETY: item i's partial sums and masses, written by this thread only.
                 let (o, m) = unsafe { (std::slice::from_raw_parts_mut(parts_base.add(i * g * d.dv), g * d.dv), std::slice::from_raw_parts_mut(mass_base.add(i * g), g)) };
                 let (p, cut) = (&probs[kvh * g * n..(kvh + 1) * g * n], &cuts[kvh * g..(kvh + 1) * g]);
-                approx::chunk_sums(crate::simd::level(), p, cut, cells, c, val, o, m, &mut s.sel);
+                approx::chunk_sums(crate::simd::level(), p, cut, cells, chunk, val, o, m, &mut s.sel);
             }
             sh.barrier.wait(nth)?;
             // 4. each head's output from its KV head's chunks, in chunk order
             // SAFETY: step 3 is over on every thread; the partial sums are only read now.
-            let (parts, masses) = unsafe { (std::slice::from_raw_parts(parts_base as *const f32, d.n_head * chunks * d.dv), std::slice::from_raw_parts(mass_base as *const f64, d.n_head * chunks)) };
+            let (parts, masses) = unsafe { (std::slice::from_raw_parts(parts_base as *const f32, d.n_head * value_chunks * d.dv), std::slice::from_raw_parts(mass_base as *const f64, d.n_head * value_chunks)) };
             for h in heads {
                 let (kvh, hg) = (h / g, h % g);
-                let part = |c: usize| {
-                    let i = kvh * chunks + c;
+                let part = |chunk: usize| {
+                    let i = kvh * value_chunks + chunk;
                     (&parts[(i * g + hg) * d.dv..(i * g + hg + 1) * d.dv], masses[i * g + hg])
                 };
-                approx::finish_sums((0..chunks).map(part), a.renorm, out.span(0, h, d.dv));
+                approx::finish_sums((0..value_chunks).map(part), a.renorm, out.span(0, h, d.dv));
             }
             Ok(())
         })
