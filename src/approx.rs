@@ -47,7 +47,7 @@ pub struct ApproxScratch {
     pub(crate) part_mass: Vec<f64>,
 }
 
-/// Scratch of [`softmax_levels`].
+/// Scratch of [`softmax_levels_with`].
 #[derive(Default)]
 pub struct LevelScratch {
     /// tokens per level (the last slot: exact cells), then each level's probability
@@ -133,23 +133,9 @@ pub unsafe fn levels<'a>(
 /// distinct level instead of one per token, and the histogram built from the levels' counts
 /// ([`Histogram::build_grouped`]) instead of token by token. `raw(j)` is the raw score of an
 /// exact cell j (level [`EXACT_LEVEL`]); `(bias, step)` the head's.
-#[allow(clippy::too_many_arguments)]
-pub fn softmax_levels(
-    lv: &[u16],
-    bias: f32,
-    step: f32,
-    raw: impl Fn(usize) -> f32,
-    scale: Scale,
-    sink: Option<f32>,
-    p: &mut [f32],
-    hist: &mut Histogram,
-    ls: &mut LevelScratch,
-) {
-    softmax_levels_with(crate::simd::level(), lv, bias, step, raw, scale, sink, p, hist, ls)
-}
-
-/// [`softmax_levels`] at a chosen instruction-set level (lowered to what the CPU has); every
-/// level gives the same bits.
+///
+/// At a chosen instruction-set level (lowered to what the CPU has); every level gives the same
+/// bits.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_levels_with(
     level: Level,
@@ -940,7 +926,7 @@ pub unsafe fn approximate<'a>(
             for h in 0..g {
                 let (l, r) = (&lv[h * n..(h + 1) * n], &raw[h * n..(h + 1) * n]);
                 let (bias, step) = bs[h];
-                softmax_levels(l, bias, step, |j| r[j], scale, sinks.map(|x| x[kvh * g + h]), &mut p[h * n..(h + 1) * n], &mut s.hists[i * g + h], &mut s.level_scratch);
+                softmax_levels_with(crate::simd::level(), l, bias, step, |j| r[j], scale, sinks.map(|x| x[kvh * g + h]), &mut p[h * n..(h + 1) * n], &mut s.hists[i * g + h], &mut s.level_scratch);
             }
             (s.levels, s.raw, s.bias_step) = (lv, raw, bs);
         } else {
@@ -1258,7 +1244,7 @@ mod tests {
         // nothing visible: zeros, as `softmax` gives
         let mut p = vec![1.0f32; 3];
         let mut hist = Histogram::default();
-        softmax_levels(&[EXACT_LEVEL; 3], 0.0, 1.0, |_| f32::NEG_INFINITY, Scale { kq_scale: 1.0, softcap: 0.0 }, None, &mut p, &mut hist, &mut ls);
+        softmax_levels_with(Level::Portable, &[EXACT_LEVEL; 3], 0.0, 1.0, |_| f32::NEG_INFINITY, Scale { kq_scale: 1.0, softcap: 0.0 }, None, &mut p, &mut hist, &mut ls);
         assert_eq!(p, vec![0.0; 3]);
     }
 

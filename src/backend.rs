@@ -482,7 +482,7 @@ impl Backend {
                 logits.resize(need, 0.0);
             }
             let levels = self.shared.levels.get_mut();
-            if levels.len() < need && self.layers.iter().any(|l| l.keys.has_levels()) {
+            if levels.len() < need {
                 levels.resize(need, 0);
             }
             let probs = self.shared.probs.get_mut();
@@ -662,7 +662,7 @@ impl Backend {
     }
 
     /// The decode path of `attend` for one token, each step split across the threads:
-    /// 1. logits (for 4-bit codes, the scan's levels: see `approx::softmax_levels`), by (KV
+    /// 1. logits (for 4-bit codes, the scan's levels: see `approx::softmax_levels_with`), by (KV
     ///    head, chunk of cells): as many chunks per KV head as make the item count a multiple
     ///    of the thread count;
     /// 2. softmax, the histogram and each head's cut (with one k per layer, after a barrier
@@ -697,7 +697,7 @@ impl Backend {
         };
         let heads = (d.n_head * ith / nth)..(d.n_head * (ith + 1) / nth);
         let with_levels = layer.keys.has_levels();
-        // SAFETY: as `base` (apply sized it when a layer has levels).
+        // SAFETY: as `base` (apply sizes it as `logits`).
         let lv_base = unsafe { (*sh.levels.get()).as_mut_ptr() };
         debug_assert!(!with_levels || unsafe { (*sh.levels.get()).len() } >= d.n_head * n);
         // where head h's cells lo..hi lie in the regions: (offset, lo, hi) per chunk
@@ -756,7 +756,7 @@ impl Backend {
                     let raw = |j: usize| spans(h).find(|&(_, lo, hi)| (lo..hi).contains(&j)).map_or(0.0, |(at, lo, _)| all[at + j - lo]);
                     let bs = sh.bias_step[h].load(Ordering::Relaxed);
                     let (bias, step) = (f32::from_bits((bs >> 32) as u32), f32::from_bits(bs as u32));
-                    approx::softmax_levels(&lv, bias, step, raw, call.scale, sink, p, &mut s.hists[k], &mut s.level_scratch);
+                    approx::softmax_levels_with(crate::simd::level(), &lv, bias, step, raw, call.scale, sink, p, &mut s.hists[k], &mut s.level_scratch);
                     s.levels = lv;
                 } else {
                     for (at, lo, hi) in spans(h) {

@@ -80,7 +80,9 @@ impl Histogram {
         &self.bucket
     }
 
-    pub fn build(&mut self, p: &[f32]) {
+    /// The first part of both builds: the buffers (allocated once) and each token's bucket.
+    #[inline(always)]
+    fn start(&mut self, p: &[f32]) {
         if self.count.is_empty() {
             self.count = vec![0; BUCKETS];
             self.mass = vec![0.0; BUCKETS];
@@ -89,6 +91,10 @@ impl Histogram {
         }
         self.bucket.clear();
         self.bucket.extend(p.iter().map(|&x| bucket_of(x)));
+    }
+
+    pub fn build(&mut self, p: &[f32]) {
+        self.start(p);
         let (lo, hi) = self.bucket.iter().fold((u16::MAX, 0u16), |(lo, hi), &b| (lo.min(b), hi.max(b)));
         let (wc, wm) = (&mut self.ways_count[..WAYS * BUCKETS], &mut self.ways_mass[..WAYS * BUCKETS]);
         for (b, x) in self.bucket.chunks_exact(WAYS).zip(p.chunks_exact(WAYS)) {
@@ -125,14 +131,8 @@ impl Histogram {
     /// f64) where `build` adds token after token.
     #[inline(always)]
     pub fn build_grouped(&mut self, p: &[f32], groups: impl Iterator<Item = (f32, u32)>) {
-        if self.count.is_empty() {
-            self.count = vec![0; BUCKETS];
-            self.mass = vec![0.0; BUCKETS];
-            self.ways_count = vec![0; WAYS * BUCKETS];
-            self.ways_mass = vec![0.0; WAYS * BUCKETS];
-        }
-        self.bucket.clear();
-        self.bucket.extend(p.iter().map(|&x| bucket_of(x)));
+        self.start(p);
+        // `build` leaves entries outside its bucket range as they were
         self.count.iter_mut().for_each(|c| *c = 0);
         self.mass.iter_mut().for_each(|m| *m = 0.0);
         let (mut lo, mut hi) = (usize::MAX, 0);
