@@ -15,8 +15,8 @@
 //! Each table has [`TABLE`] entries whatever the codebook size (the rest is padding), so that a
 //! code indexes it directly. Where the byte tables lie depends on the kernel that reads them
 //! ([`Kernel::at`]): one after another for the portable and AVX-512 VBMI kernels (a
-//! sub-vector's table is four 64-byte registers), four interleaved per entry for the AVX2 one
-//! (one 32-bit gather fetches both bytes of two query heads). Every kernel gives the same
+//! sub-vector's table is four 64-byte registers), eight interleaved per entry for the AVX2 one
+//! (one 64-bit gather fetches both bytes of four query heads). Every kernel gives the same
 //! integers as [`sums_portable`], the reference.
 
 use crate::simd::Level;
@@ -38,7 +38,7 @@ pub const MAX_SUBVECTORS: usize = 256;
 pub const PLANES: usize = 2;
 
 /// Byte tables the AVX2 layout interleaves.
-const INTERLEAVE: usize = 4;
+const INTERLEAVE: usize = 8;
 
 /// Byte offset of code `i` (of `per` per cell) of `cell`.
 #[inline(always)]
@@ -56,7 +56,7 @@ pub fn bytes_for(n_cells: usize, per: usize) -> usize {
 pub enum Kernel {
     #[default]
     Portable,
-    /// 32-bit gathers of four byte tables' entries at once
+    /// 64-bit gathers of eight byte tables' entries at once
     Avx2,
     /// two-register byte permutes (`vpermi2b`), 64 cells per lookup
     Vbmi,
@@ -411,11 +411,13 @@ pub fn sums_portable(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usi
     }
 }
 
-/// 32 cells per pass over the sub-vectors, four 8-cell gathers per sub-vector, each fetching
-/// an entry of up to four byte tables (a u32 whose byte k is table k's). The u16 halves of the
-/// gathered lanes are summed whole (table 0 plus 256 times table 1, wrapping; tables 2 and 3
-/// likewise) and by their high bytes (tables 1 and 3); tables 0 and 2 come out as whole minus
-/// 256 times high, exact because every true sum is below 2^16.
+/// 16 cells per pass over the sub-vectors, four 4-cell gathers per sub-vector, each fetching
+/// an entry of up to eight byte tables (a u64 whose byte k is table k's): for up to four query
+/// heads one gathered element a cell, where 32-bit gathers took two (a 4-element 64-bit gather
+/// costs about half an 8-element 32-bit one on Zen 3). The u16 quarters of the gathered lanes
+/// are summed whole (table 2j plus 256 times table 2j + 1, wrapping) and by their high bytes
+/// (tables 2j + 1); tables 2j come out as whole minus 256 times high, exact because every true
+/// sum is below 2^16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
@@ -423,40 +425,38 @@ unsafe fn sums_avx2(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usiz
     use std::arch::x86_64::*;
     check(codes, stride, nb, tabs, Kernel::Avx2.table_bytes(g, gs), g, gs, out);
     for chunk in 0..g.div_ceil(INTERLEAVE) {
-        let t = tabs.as_ptr().add(chunk * INTERLEAVE * gs * TABLE) as *const i32;
+        let t = tabs.as_ptr().add(chunk * INTERLEAVE * gs * TABLE) as *const i64;
         let tables = (g - chunk * INTERLEAVE).min(INTERLEAVE);
-        for part in 0..nb * BLOCK / 32 {
-            let (b, half) = (part / 2, part % 2);
+        for part in 0..nb * BLOCK / 16 {
+            let (b, quarter) = (part / 4, part % 4);
             let mut whole = [_mm256_setzero_si256(); 4];
             let mut high = [_mm256_setzero_si256(); 4];
             for i in 0..gs {
-                let cp = codes.as_ptr().add(b * stride + i * BLOCK + half * 32);
-                let c0 = _mm_loadu_si128(cp as *const __m128i);
-                let c1 = _mm_loadu_si128(cp.add(16) as *const __m128i);
+                let c = _mm_loadu_si128(codes.as_ptr().add(b * stride + i * BLOCK + quarter * 16) as *const __m128i);
                 let idx = [
-                    _mm256_cvtepu8_epi32(c0),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)),
-                    _mm256_cvtepu8_epi32(c1),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)),
+                    _mm_cvtepu8_epi32(c),
+                    _mm_cvtepu8_epi32(_mm_srli_si128(c, 4)),
+                    _mm_cvtepu8_epi32(_mm_srli_si128(c, 8)),
+                    _mm_cvtepu8_epi32(_mm_srli_si128(c, 12)),
                 ];
-                // entries are whole u32s: a gather never reads past the table
+                // entries are whole u64s: a gather never reads past the table
                 let row = t.add(i * TABLE);
                 for k in 0..4 {
-                    let r = _mm256_i32gather_epi32::<4>(row, idx[k]);
+                    let r = _mm256_i32gather_epi64::<8>(row, idx[k]);
                     whole[k] = _mm256_add_epi16(whole[k], r);
                     high[k] = _mm256_add_epi16(high[k], _mm256_srli_epi16(r, 8));
                 }
             }
             for k in 0..4 {
                 let low = _mm256_sub_epi16(whole[k], _mm256_slli_epi16(high[k], 8));
-                let (mut l, mut hh) = ([0u32; 8], [0u32; 8]);
+                let (mut l, mut hh) = ([0u64; 4], [0u64; 4]);
                 _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, low);
                 _mm256_storeu_si256(hh.as_mut_ptr() as *mut __m256i, high[k]);
                 for (cell, (&l, &hh)) in l.iter().zip(&hh).enumerate() {
-                    let per_table = [l as u16, hh as u16, (l >> 16) as u16, (hh >> 16) as u16];
-                    let at = part * 32 + k * 8 + cell;
-                    for (x, &s) in per_table.iter().enumerate().take(tables) {
-                        out[(chunk * INTERLEAVE + x) * nb * BLOCK + at] = s;
+                    let at = part * 16 + k * 4 + cell;
+                    for x in 0..tables {
+                        let lane = if x % 2 == 0 { l } else { hh };
+                        out[(chunk * INTERLEAVE + x) * nb * BLOCK + at] = (lane >> (16 * (x / 2))) as u16;
                     }
                 }
             }
@@ -558,7 +558,7 @@ mod tests {
     #[test]
     fn simd_sums_equal_the_portable_ones() {
         let mut seed = 0x0fed_cba9_8765_4321u64;
-        for (g, gs, m) in [(1, 64, 256), (3, 64, 256), (4, 32, 256), (2, 16, 256), (3, 64, 64), (5, 16, 200), (8, 32, 256), (7, 3, 256), (2, 1, 17), (6, 13, 100), (1, 256, 256)] {
+        for (g, gs, m) in [(1, 64, 256), (3, 64, 256), (4, 32, 256), (2, 16, 256), (3, 64, 64), (5, 16, 200), (8, 32, 256), (7, 3, 256), (2, 1, 17), (6, 13, 100), (1, 256, 256), (11, 8, 256), (16, 4, 256)] {
             // blocks of other KV heads between this head's: a stride longer than its codes
             let stride = BLOCK * gs * 2 + 64;
             let codes: Vec<u8> = (0..(RUN - 1) * stride + BLOCK * gs).map(|_| (rng(&mut seed) % m as u64) as u8).collect();
