@@ -8,7 +8,8 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use half::f16;
 
 use hcattn::attention::{exact_block_with, BlockScratch, Scale};
-use hcattn::approx::{softmax, softmax_levels_with, softmax_with, union_sum_with, value_sums, weighted_sum_with, LevelScratch, Pick};
+use hcattn::approx::{softmax, softmax_with, union_sum_with, value_sums, weighted_sum_with, Pick};
+use hcattn::levels::{softmax_in_chunks, ChunkScratch, HeadLevels};
 use hcattn::codebook::{Codebook, KMeans};
 use hcattn::keys::{KeyStore, Prep};
 use hcattn::options::{KeyCodec, Scope};
@@ -163,16 +164,19 @@ fn kernels(c: &mut Criterion) {
             b.iter(|| softmax_with(level, black_box(&mut l), None))
         });
     }
-    // the 4-bit decode's softmax and histogram from the scan's levels (about 600 levels
-    // between the lowest and highest sum, as SmolLM2's heads have 370 to 770 at 32768 tokens),
-    // against softmax then histogram above
+    // the 4-bit decode's softmax from the scan's levels (about 600 levels between the lowest
+    // and highest sum, as SmolLM2's heads have 370 to 770 at 32768 tokens): counts, one exp
+    // per level and the probabilities' lookup, against softmax above; then its top-p cut from
+    // the counts, against the histogram's below
     let lv: Vec<u16> = (0..N).map(|_| 2000 + ((r.next() + r.next() + r.next() + r.next()) * 150.0) as u16).collect();
+    let raw = vec![0f32; N];
     let scale = Scale { kq_scale: 0.125, softcap: 0.0 };
     for level in levels() {
-        let (mut q, mut h, mut ls) = (vec![0f32; N], Histogram::default(), LevelScratch::default());
-        grp.bench_function(format!("softmax_and_histogram_from_levels_{}", level.name()), |b| {
-            b.iter(|| softmax_levels_with(level, black_box(&lv), -20.0, 0.01, |_| 0.0, scale, None, &mut q, &mut h, &mut ls))
+        let (mut q, mut head, mut scratch) = (vec![0f32; N], HeadLevels::default(), ChunkScratch::default());
+        grp.bench_function(format!("softmax_from_levels_{}", level.name()), |b| {
+            b.iter(|| softmax_in_chunks(level, black_box(&lv), &raw, -20.0, 0.01, scale, None, N, &mut head, &mut scratch, &mut q))
         });
+        grp.bench_function(format!("top_p_0.9_from_levels_{}", level.name()), |b| b.iter(|| head.cut_top_p(0.9, std::iter::once((0, black_box(&lv[..]))))));
     }
     for level in levels() {
         let mut top = TopP::at(level);

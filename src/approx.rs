@@ -12,7 +12,8 @@
 use half::f16;
 
 use crate::attention::{exp, Scale};
-use crate::keys::{level_score, KeyStore, Prep, EXACT_LEVEL};
+use crate::keys::{KeyStore, Prep};
+use crate::levels::{softmax_in_chunks, ChunkScratch, CountScratch, HeadLevels};
 use crate::select::{layer_k, Cut, Histogram, TopP};
 use crate::simd::Level;
 
@@ -36,26 +37,18 @@ pub struct ApproxScratch {
     pub(crate) top: TopP,
     /// one per head whose probabilities are held
     pub(crate) hists: Vec<Histogram>,
-    /// the levels of 4-bit scans, the raw scores of their exact cells, each head's (bias, step)
+    /// the levels of 4-bit scans, the raw scores of their exact cells, each head's (bias, step),
+    /// each head's distribution over its levels, and the scratch of their counts
     pub(crate) levels: Vec<u16>,
     pub(crate) raw: Vec<f32>,
     pub(crate) bias_step: Vec<(f32, f32)>,
-    pub(crate) level_scratch: LevelScratch,
+    pub(crate) heads: Vec<HeadLevels>,
+    pub(crate) chunk_scratch: ChunkScratch,
+    pub(crate) count_scratch: CountScratch,
     /// each head's cut, and the value sums' partial sums and masses per chunk
     pub(crate) cuts: Vec<Cut>,
     pub(crate) parts: Vec<f32>,
     pub(crate) part_mass: Vec<f64>,
-}
-
-/// Scratch of [`softmax_levels_with`].
-#[derive(Default)]
-pub struct LevelScratch {
-    /// tokens per level (the last slot: exact cells), then each level's probability
-    count: Vec<u32>,
-    prob: Vec<f32>,
-    /// the exact cells' indices and their exp(logit - max)
-    exact: Vec<u32>,
-    exact_e: Vec<f32>,
 }
 
 /// The g query heads' scoring tables in `s.prep`. The queries are rounded to f16 as stock
@@ -125,209 +118,6 @@ pub unsafe fn levels<'a>(
     for (h, bs) in bias_step.iter_mut().enumerate().take(g) {
         *bs = s.prep.bias_step(h);
     }
-}
-
-/// Softmax of one query head from its levels (see [`levels`]), and the histogram of the
-/// result: the same probabilities as [`softmax`] of the scores (each is exp(logit - max) times
-/// the inverse of the sum; only that sum is added in another order), but with one exp per
-/// distinct level instead of one per token, and the histogram built from the levels' counts
-/// ([`Histogram::build_grouped`]) instead of token by token. `raw(j)` is the raw score of an
-/// exact cell j (level [`EXACT_LEVEL`]); `(bias, step)` the head's.
-///
-/// At a chosen instruction-set level (lowered to what the CPU has); every level gives the same
-/// bits.
-#[allow(clippy::too_many_arguments)]
-pub fn softmax_levels_with(
-    level: Level,
-    lv: &[u16],
-    bias: f32,
-    step: f32,
-    raw: impl Fn(usize) -> f32,
-    scale: Scale,
-    sink: Option<f32>,
-    p: &mut [f32],
-    hist: &mut Histogram,
-    ls: &mut LevelScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    match level.usable() {
-        // SAFETY: `usable` is never above what the CPU has.
-        Level::Avx512 => return unsafe { softmax_levels_avx512(lv, bias, step, raw, scale, sink, p, hist, ls) },
-        Level::Avx2 => return unsafe { softmax_levels_avx2(lv, bias, step, raw, scale, sink, p, hist, ls) },
-        Level::Portable => {}
-    }
-    let _ = level;
-    softmax_levels_body(Level::Portable, lv, bias, step, raw, scale, sink, p, hist, ls)
-}
-
-/// The same code compiled for AVX2: the table lookups become gathers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn softmax_levels_avx2(lv: &[u16], bias: f32, step: f32, raw: impl Fn(usize) -> f32, scale: Scale, sink: Option<f32>, p: &mut [f32], hist: &mut Histogram, ls: &mut LevelScratch) {
-    softmax_levels_body(Level::Avx2, lv, bias, step, raw, scale, sink, p, hist, ls)
-}
-
-/// The same code for AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn softmax_levels_avx512(lv: &[u16], bias: f32, step: f32, raw: impl Fn(usize) -> f32, scale: Scale, sink: Option<f32>, p: &mut [f32], hist: &mut Histogram, ls: &mut LevelScratch) {
-    softmax_levels_body(Level::Avx512, lv, bias, step, raw, scale, sink, p, hist, ls)
-}
-
-/// Counters per level filled in turn, so that tokens at one level do not wait on each other.
-const LEVEL_WAYS: usize = 4;
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn softmax_levels_body(
-    level: Level,
-    lv: &[u16],
-    bias: f32,
-    step: f32,
-    raw: impl Fn(usize) -> f32,
-    scale: Scale,
-    sink: Option<f32>,
-    p: &mut [f32],
-    hist: &mut Histogram,
-    ls: &mut LevelScratch,
-) {
-    let n = lv.len();
-    assert!(p.len() == n);
-    // the coded levels' range, and the exact cells (few: sinks, recent tokens)
-    ls.exact.clear();
-    let (mut lo, mut hi) = (u16::MAX, 0u16);
-    for (c, chunk) in lv.chunks(64).enumerate() {
-        let (mut clo, mut chi, mut any) = (u16::MAX, 0u16, false);
-        for &x in chunk {
-            let exact = x == EXACT_LEVEL;
-            any |= exact;
-            clo = clo.min(x);
-            chi = chi.max(if exact { 0 } else { x });
-        }
-        (lo, hi) = (lo.min(clo), hi.max(chi));
-        if any {
-            ls.exact.extend(chunk.iter().enumerate().filter(|e| *e.1 == EXACT_LEVEL).map(|e| (c * 64 + e.0) as u32));
-        }
-    }
-    let coded = n - ls.exact.len();
-    let logit = |level: u16| scale.logit(level_score(bias, step, level));
-    // the scores grow with the level (step > 0), so the highest level has the largest logit
-    let mut m = if coded > 0 { logit(hi) } else { f32::NEG_INFINITY };
-    ls.exact_e.clear();
-    for &j in &ls.exact {
-        let l = scale.logit(raw(j as usize));
-        m = m.max(l);
-        ls.exact_e.push(l);
-    }
-    if let Some(sk) = sink {
-        m = m.max(sk);
-    }
-    if !m.is_finite() {
-        // nothing visible (or every logit -inf): no mass anywhere
-        p.iter_mut().for_each(|x| *x = 0.0);
-        hist.build(p);
-        return;
-    }
-    // tokens per level, LEVEL_WAYS counters each; an exact cell's level lands in slot r
-    let r = if coded > 0 { (hi - lo) as usize + 1 } else { 0 };
-    let slot = |x: u16| (x.wrapping_sub(lo) as usize).min(r);
-    let w = r + 1;
-    ls.count.clear();
-    ls.count.resize(LEVEL_WAYS * w, 0);
-    {
-        let count = &mut ls.count[..LEVEL_WAYS * w];
-        let (c0, rest) = count.split_at_mut(w);
-        let (c1, rest) = rest.split_at_mut(w);
-        let (c2, c3) = rest.split_at_mut(w);
-        let mut quads = lv.chunks_exact(LEVEL_WAYS);
-        for q in &mut quads {
-            c0[slot(q[0])] += 1;
-            c1[slot(q[1])] += 1;
-            c2[slot(q[2])] += 1;
-            c3[slot(q[3])] += 1;
-        }
-        for &x in quads.remainder() {
-            c0[slot(x)] += 1;
-        }
-        for k in 0..w {
-            c0[k] += c1[k] + c2[k] + c3[k];
-        }
-    }
-    let count = &ls.count[..w];
-    ls.prob.clear();
-    ls.prob.resize(w, 0.0);
-    let prob = &mut ls.prob[..w];
-    for (k, e) in prob[..r].iter_mut().enumerate() {
-        *e = exp(logit(lo + k as u16) - m);
-    }
-    // 8 partial sums, so that the loop vectorises; the same order at every level
-    let mut lanes = [0.0f64; 8];
-    let (whole, rest) = (r / 8 * 8, r % 8);
-    for (c, e) in count[..whole].chunks_exact(8).zip(prob[..whole].chunks_exact(8)) {
-        for i in 0..8 {
-            lanes[i] += c[i] as f64 * e[i] as f64;
-        }
-    }
-    let mut sum = lanes.iter().sum::<f64>();
-    for k in whole..whole + rest {
-        sum += count[k] as f64 * prob[k] as f64;
-    }
-    for e in ls.exact_e.iter_mut() {
-        *e = exp(*e - m);
-        sum += *e as f64;
-    }
-    if let Some(sk) = sink {
-        sum += exp(sk - m) as f64;
-    }
-    let inv = if sum > 0.0 { (1.0 / sum) as f32 } else { 0.0 };
-    prob[..r].iter_mut().for_each(|x| *x *= inv);
-    prob[r] = 0.0;
-    let prob = &*prob;
-    lookup_levels(level, lv, lo, prob, p);
-    for (&j, e) in ls.exact.iter().zip(ls.exact_e.iter_mut()) {
-        *e *= inv;
-        p[j as usize] = *e;
-    }
-    let groups = prob[..r].iter().zip(count).map(|(&x, &c)| (x, c));
-    hist.build_grouped(p, groups.chain(ls.exact_e.iter().map(|&x| (x, 1))));
-}
-
-/// `p[j] = prob[lv[j] - lo]`, and the last entry of `prob` for a level outside the table
-/// (an exact cell's; `prob` has one entry per level from `lo`, then that one).
-#[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn lookup_levels(level: Level, lv: &[u16], lo: u16, prob: &[f32], p: &mut [f32]) {
-    let r = prob.len() - 1;
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if level.usable() >= Level::Avx512 {
-        // SAFETY: the CPU has AVX-512 F/BW (`usable` is never above what it has).
-        done = unsafe { lookup_levels_avx512(lv, lo, prob, p) };
-    }
-    for (pj, &x) in p[done..].iter_mut().zip(&lv[done..]) {
-        *pj = prob[(x.wrapping_sub(lo) as usize).min(r)];
-    }
-}
-
-/// [`lookup_levels`] 16 tokens a step (a gather each); returns the tokens done.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn lookup_levels_avx512(lv: &[u16], lo: u16, prob: &[f32], p: &mut [f32]) -> usize {
-    use std::arch::x86_64::*;
-    let n = lv.len().min(p.len());
-    assert!(!prob.is_empty() && prob.len() <= i32::MAX as usize);
-    let (vlo, last, low16) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(prob.len() as i32 - 1), _mm512_set1_epi32(0xffff));
-    let mut j = 0;
-    while j + 16 <= n {
-        let x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lv.as_ptr().add(j) as *const __m256i));
-        // (x - lo) mod 2^16, then at most the last entry: every index is inside `prob`
-        let i = _mm512_min_epu32(_mm512_and_si512(_mm512_sub_epi32(x, vlo), low16), last);
-        _mm512_storeu_ps(p.as_mut_ptr().add(j), _mm512_i32gather_ps::<4>(i, prob.as_ptr() as *const _));
-        j += 16;
-    }
-    j
 }
 
 /// Softmax in place; `sink` is one more logit that takes mass but has no value.
@@ -915,40 +705,59 @@ pub unsafe fn approximate<'a>(
     }
     s.ks.clear();
     let with_levels = keys.has_levels();
+    let (mut lv, mut raw) = (std::mem::take(&mut s.levels), std::mem::take(&mut s.raw));
+    if with_levels {
+        lv.resize(heads * n, 0);
+        raw.resize(heads * n, 0.0);
+        if s.heads.len() < heads {
+            s.heads.resize_with(heads, HeadLevels::default);
+        }
+    }
     for (i, kvh) in kv_heads.clone().enumerate() {
         let p = &mut probs[i * g * n..(i + 1) * g * n];
         if with_levels {
-            let (mut lv, mut raw, mut bs) = (std::mem::take(&mut s.levels), std::mem::take(&mut s.raw), std::mem::take(&mut s.bias_step));
-            lv.resize(g * n, 0);
-            raw.resize(g * n, 0.0);
+            let mut bs = std::mem::take(&mut s.bias_step);
             bs.resize(g, (0.0, 0.0));
-            levels(keys, kvh, g, dk, cells, |h| q(kvh * g + h), s, &mut lv, &mut raw, n, &mut bs);
+            let (l, r) = (&mut lv[i * g * n..(i + 1) * g * n], &mut raw[i * g * n..(i + 1) * g * n]);
+            levels(keys, kvh, g, dk, cells, |h| q(kvh * g + h), s, l, r, n, &mut bs);
             for h in 0..g {
-                let (l, r) = (&lv[h * n..(h + 1) * n], &raw[h * n..(h + 1) * n]);
-                let (bias, step) = bs[h];
-                softmax_levels_with(crate::simd::level(), l, bias, step, |j| r[j], scale, sinks.map(|x| x[kvh * g + h]), &mut p[h * n..(h + 1) * n], &mut s.hists[i * g + h], &mut s.level_scratch);
+                let (l, r, (bias, step)) = (&l[h * n..(h + 1) * n], &r[h * n..(h + 1) * n], bs[h]);
+                let sink = sinks.map(|x| x[kvh * g + h]);
+                // one chunk: the same counts, so the same bits, as the decode's split into several
+                let head = &mut s.heads[i * g + h];
+                softmax_in_chunks(crate::simd::level(), l, r, bias, step, scale, sink, n.max(1), head, &mut s.chunk_scratch, &mut p[h * n..(h + 1) * n]);
+                if a.layer_k {
+                    s.ks.push(head.count_top_p(a.tau));
+                }
             }
-            (s.levels, s.raw, s.bias_step) = (lv, raw, bs);
+            s.bias_step = bs;
         } else {
             logits(keys, kvh, g, dk, cells, |h| q(kvh * g + h), scale, s, p, n);
             for h in 0..g {
                 let l = &mut p[h * n..(h + 1) * n];
                 softmax(l, sinks.map(|x| x[kvh * g + h]));
                 s.hists[i * g + h].build(l);
-            }
-        }
-        if a.layer_k {
-            for h in 0..g {
-                s.ks.push(s.top.count_with(&p[h * n..(h + 1) * n], &s.hists[i * g + h], a.tau));
+                if a.layer_k {
+                    s.ks.push(s.top.count_with(l, &s.hists[i * g + h], a.tau));
+                }
             }
         }
     }
     let k_layer = a.layer_k.then(|| layer_k(&s.ks, n));
     let mut cuts = std::mem::take(&mut s.cuts);
     cuts.clear();
-    for (i, hist) in s.hists[..heads].iter().enumerate() {
-        cuts.push(cut(&probs[i * n..(i + 1) * n], hist, a, k_layer, &mut s.top));
+    for i in 0..heads {
+        cuts.push(if with_levels {
+            let (head, l) = (&mut s.heads[i], std::iter::once((0, &lv[i * n..(i + 1) * n])));
+            match k_layer {
+                Some(k) => head.cut_top_k(k, l),
+                None => head.cut_top_p(a.tau, l),
+            }
+        } else {
+            cut(&probs[i * n..(i + 1) * n], &s.hists[i], a, k_layer, &mut s.top)
+        });
     }
+    (s.levels, s.raw) = (lv, raw);
     for (i, kvh) in kv_heads.enumerate() {
         let (p, c) = (&probs[i * g * n..(i + 1) * g * n], &cuts[i * g..(i + 1) * g]);
         let o = &mut out(kvh)[..g * dv];
@@ -1192,60 +1001,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn softmax_of_levels_is_softmax_of_their_scores() {
-        let mut seed = 23u64;
-        let mut r = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (seed >> 40) as f32 / (1u64 << 24) as f32
-        };
-        let (mut top, mut ls) = (TopP::default(), LevelScratch::default());
-        for (n, span, exact_every) in [(1usize, 1u16, 0usize), (5, 3, 2), (100, 40, 0), (3000, 2500, 37), (8200, 16000, 0), (64, 10, 1)] {
-            for (sink, softcap) in [(None, 0.0f32), (Some(2.0f32), 0.0), (None, 30.0)] {
-                let (bias, step) = (-3.0f32 + r(), 0.002 + r() * 0.01);
-                let scale = Scale { kq_scale: 0.125, softcap };
-                let base = (r() * 1000.0) as u16;
-                let mut lv: Vec<u16> = (0..n).map(|_| base + (r() * span as f32) as u16 % span).collect();
-                let raw: Vec<f32> = (0..n).map(|_| r() * 40.0 - 20.0).collect();
-                if exact_every > 0 {
-                    (0..n).step_by(exact_every).for_each(|j| lv[j] = EXACT_LEVEL);
-                }
-                // the reference: the f32 scores `KeyStore::scores` writes, then `logits` and `softmax`
-                let mut want: Vec<f32> = lv.iter().zip(&raw).map(|(&x, &w)| scale.logit(if x == EXACT_LEVEL { w } else { level_score(bias, step, x) })).collect();
-                softmax_with(Level::Portable, &mut want, sink);
-                let mut first: Option<Vec<f32>> = None;
-                for level in Level::ALL {
-                    let (mut p, mut hist) = (vec![f32::NAN; n], Histogram::default());
-                    softmax_levels_with(level, &lv, bias, step, |j| raw[j], scale, sink, &mut p, &mut hist, &mut ls);
-                    for (j, (x, y)) in want.iter().zip(&p).enumerate() {
-                        // the same exp per token; the sum's additions run in another order
-                        assert!((x - y).abs() <= 2e-6 * x.abs() + 1e-30, "n {n} token {j} at {:?}: {x} vs {y}", level.usable());
-                    }
-                    // every level gives the same bits
-                    let bits: Vec<u32> = p.iter().map(|x| x.to_bits()).collect();
-                    match &first {
-                        Some(f) => assert_eq!(f.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), bits, "n {n} at {:?}", level.usable()),
-                        None => first = Some(p.clone()),
-                    }
-                    // the grouped histogram selects what one built token by token does
-                    let mut one = Histogram::default();
-                    one.build(&p);
-                    for tau in [0.5f32, 0.9] {
-                        let (mut a, mut b) = (Vec::new(), Vec::new());
-                        top.select_with(&p, &hist, tau, &mut a);
-                        top.select_with(&p, &one, tau, &mut b);
-                        assert_eq!(a, b, "n {n} tau {tau}");
-                    }
-                }
-            }
-        }
-        // nothing visible: zeros, as `softmax` gives
-        let mut p = vec![1.0f32; 3];
-        let mut hist = Histogram::default();
-        softmax_levels_with(Level::Portable, &[EXACT_LEVEL; 3], 0.0, 1.0, |_| f32::NEG_INFINITY, Scale { kq_scale: 1.0, softcap: 0.0 }, None, &mut p, &mut hist, &mut ls);
-        assert_eq!(p, vec![0.0; 3]);
     }
 
     #[test]

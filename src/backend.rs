@@ -14,6 +14,7 @@ use crate::barrier::SpinBarrier;
 use crate::cells::{Cells, SeqSet, Seqs};
 use crate::error::{Error, Result};
 use crate::keys::KeyStore;
+use crate::levels::HeadLevels;
 use crate::calibration::{CodebookFile, Identity};
 use crate::options::{CodebookSource, KeyCodec, Options, Prefill, Select, Values};
 use crate::rows::Rows;
@@ -127,8 +128,9 @@ pub struct Backend {
 /// The one-token decode path (see `Backend::attend_one`) splits each step across the op's
 /// threads. Step 1 writes logits (or levels) here, one region per (KV head, chunk of cells)
 /// work item: g rows of the chunk's length, back to back, in the order of the items. Step 2
-/// reads them (after the barrier) and writes each head's k, probabilities and cut; step 3
-/// reads those and writes partial value sums, which step 4 adds up.
+/// reads them (after the barrier) and writes each head's k, probabilities (with levels: its
+/// distribution over them) and cut; step 3 reads those and writes partial value sums (with
+/// levels, after the item's probabilities), which step 4 adds up.
 #[derive(Default)]
 struct Shared {
     logits: UnsafeCell<Vec<f32>>,
@@ -137,6 +139,12 @@ struct Shared {
     /// as the bits of two f32
     levels: UnsafeCell<Vec<u16>>,
     bias_step: Vec<AtomicU64>,
+    /// with levels: each item's counts per level (`levels::count_chunk`), in the regions of
+    /// `logits`; the indices of its exact cells, from `kvh * n + (its first cell)`; and each
+    /// query head's distribution, written by the thread that owns the head in step 2
+    pairs: UnsafeCell<Vec<u64>>,
+    exact_at: UnsafeCell<Vec<u32>>,
+    heads: UnsafeCell<Vec<HeadLevels>>,
     /// each query head's probabilities (n a head) and cut, written by the thread that owns the
     /// head in step 2 and read by every thread in step 3; the partial value sums (g * dv) and
     /// masses (g) of each (KV head, chunk) item of step 3, read in step 4
@@ -485,6 +493,19 @@ impl Backend {
             if levels.len() < need {
                 levels.resize(need, 0);
             }
+            if self.layers.iter().any(|l| l.keys.has_levels()) {
+                let (pairs, exact_at) = (self.shared.pairs.get_mut(), self.shared.exact_at.get_mut());
+                if pairs.len() < need {
+                    pairs.resize(need, 0);
+                }
+                if exact_at.len() < need {
+                    exact_at.resize(need, 0);
+                }
+                let heads = self.shared.heads.get_mut();
+                if heads.len() < n_head {
+                    heads.resize_with(n_head, HeadLevels::default);
+                }
+            }
             let probs = self.shared.probs.get_mut();
             if probs.len() < need {
                 probs.resize(need, 0.0);
@@ -662,13 +683,16 @@ impl Backend {
     }
 
     /// The decode path of `attend` for one token, each step split across the threads:
-    /// 1. logits (for 4-bit codes, the scan's levels: see `approx::softmax_levels_with`), by (KV
-    ///    head, chunk of cells): as many chunks per KV head as make the item count a multiple
-    ///    of the thread count;
-    /// 2. softmax, the histogram and each head's cut (with one k per layer, after a barrier
-    ///    for the layer's k), by query head, into the shared probabilities and cuts;
+    /// 1. logits (for 4-bit codes, the scan's levels and their counts per level: see
+    ///    `crate::levels`), by (KV head, chunk of cells): as many chunks per KV head as make the
+    ///    item count a multiple of the thread count;
+    /// 2. by query head: softmax, the histogram and the cut; with levels, the head's counts
+    ///    added up, one exp per level and the cut from the counts, so that no pass over the
+    ///    head's cells is left to this step but the one that finds the boundary cell (with one
+    ///    k per layer, a barrier for the layer's k first);
     /// 3. the value sums, by (KV head, chunk of `approx::VALUE_CHUNK` cells), into partial
-    ///    sums: the threads share the value reads evenly whatever the head count;
+    ///    sums: the threads share the value reads evenly whatever the head count; with levels,
+    ///    each item first writes its cells' probabilities (and a barrier follows);
     /// 4. each head's output, its partial sums added in chunk order (the same bits on any
     ///    thread count), by query head.
     #[allow(clippy::too_many_arguments)]
@@ -679,6 +703,7 @@ impl Backend {
         let cells = attention::visible(&self.plan.lists[list as usize], pos, call.causal, d.window);
         let n = cells.len();
         let sh = &self.shared;
+        let level = crate::simd::level();
         // SAFETY: apply sized it for n_head * (the whole list) and nothing resizes it during the
         // op; the pointer is only used for the disjoint regions described at `Shared`.
         let base = unsafe { (*sh.logits.get()).as_mut_ptr() };
@@ -697,9 +722,11 @@ impl Backend {
         };
         let heads = (d.n_head * ith / nth)..(d.n_head * (ith + 1) / nth);
         let with_levels = layer.keys.has_levels();
-        // SAFETY: as `base` (apply sizes it as `logits`).
-        let lv_base = unsafe { (*sh.levels.get()).as_mut_ptr() };
-        debug_assert!(!with_levels || unsafe { (*sh.levels.get()).len() } >= d.n_head * n);
+        // SAFETY: as `base` (apply sizes them as `logits`, and `heads` for n_head, when a layer
+        // has levels).
+        let (lv_base, pairs_base, exact_base, heads_base) =
+            unsafe { ((*sh.levels.get()).as_mut_ptr(), (*sh.pairs.get()).as_mut_ptr(), (*sh.exact_at.get()).as_mut_ptr(), (*sh.heads.get()).as_mut_ptr()) };
+        debug_assert!(!with_levels || unsafe { (*sh.levels.get()).len().min((*sh.pairs.get()).len()).min((*sh.exact_at.get()).len()) >= d.n_head * n && (*sh.heads.get()).len() >= d.n_head });
         // where head h's cells lo..hi lie in the regions: (offset, lo, hi) per chunk
         let spans = |h: usize| {
             let (kvh, hg) = (h / g, h % g);
@@ -716,8 +743,15 @@ impl Backend {
                 let dst = unsafe { std::slice::from_raw_parts_mut(base.add(region(i)), g * (hi - lo)) };
                 let q = |h| q.row(0, kvh * g + h);
                 if with_levels {
-                    // SAFETY: as `dst`, in the levels.
-                    let lv = unsafe { std::slice::from_raw_parts_mut(lv_base.add(region(i)), g * (hi - lo)) };
+                    // SAFETY: as `dst`, in the levels, the pairs and the exact cells (this item's
+                    // cells of its KV head).
+                    let (lv, pairs, exact) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(lv_base.add(region(i)), g * (hi - lo)),
+                            std::slice::from_raw_parts_mut(pairs_base.add(region(i)), g * (hi - lo)),
+                            std::slice::from_raw_parts_mut(exact_base.add(kvh * n + lo), hi - lo),
+                        )
+                    };
                     let mut bs = std::mem::take(&mut s.bias_step);
                     bs.resize(g, (0.0, 0.0));
                     // SAFETY: the keys were stored before this op and are not written during it.
@@ -727,14 +761,35 @@ impl Backend {
                         sh.bias_step[kvh * g + h].store((b.to_bits() as u64) << 32 | st.to_bits() as u64, Ordering::Relaxed);
                     }
                     s.bias_step = bs;
+                    let mut exact = Some(exact);
+                    // (a chunk may be empty: more threads than cells)
+                    for (l, p) in lv.chunks_exact((hi - lo).max(1)).zip(pairs.chunks_exact_mut((hi - lo).max(1))) {
+                        // the exact cells are the same for every head of the KV head
+                        crate::levels::count_chunk(level, l, lo, p, exact.take(), &mut s.count_scratch);
+                    }
                 } else {
                     // SAFETY: the keys were stored before this op and are not written during it.
                     unsafe { approx::logits(&layer.keys, kvh, g, d.dk, &cells[lo..hi], q, call.scale, s, dst, hi - lo) };
                 }
             }
             sh.barrier.wait(nth)?;
-            // SAFETY: step 1 is over on every thread; from here the logits are only read.
+            // SAFETY: step 1 is over on every thread; from here the logits, levels, pairs and
+            // exact cells are only read.
             let all = unsafe { std::slice::from_raw_parts(base as *const f32, d.n_head * n) };
+            let (lv_all, pairs_all, exact_all) = if with_levels {
+                // SAFETY: as `all`.
+                unsafe {
+                    (
+                        std::slice::from_raw_parts(lv_base as *const u16, d.n_head * n),
+                        std::slice::from_raw_parts(pairs_base as *const u64, d.n_head * n),
+                        std::slice::from_raw_parts(exact_base as *const u32, d.n_head * n),
+                    )
+                }
+            } else {
+                (&[][..], &[][..], &[][..])
+            };
+            // head h's levels chunk by chunk, each with its first cell
+            let levels_of = |h: usize| spans(h).map(|(at, lo, hi)| (lo, &lv_all[at..at + hi - lo]));
             // SAFETY: apply sized it for n_head * n; this thread writes its heads' rows only.
             let probs_base = unsafe { (*sh.probs.get()).as_mut_ptr() };
             debug_assert!(unsafe { (*sh.probs.get()).len() } >= d.n_head * n);
@@ -742,29 +797,33 @@ impl Backend {
                 s.hists.resize_with(heads.len(), Default::default);
             }
             for (k, h) in heads.clone().enumerate() {
-                // SAFETY: head h's row, written by this thread only (see `Shared`).
-                let p = unsafe { std::slice::from_raw_parts_mut(probs_base.add(h * n), n) };
                 let sink = call.sinks.map(|x| x[h]);
                 if with_levels {
-                    // SAFETY: as `all`, in the levels.
-                    let lv_all = unsafe { std::slice::from_raw_parts(lv_base as *const u16, d.n_head * n) };
-                    let mut lv = std::mem::take(&mut s.levels);
-                    lv.resize(n, 0);
-                    for (at, lo, hi) in spans(h) {
-                        lv[lo..hi].copy_from_slice(&lv_all[at..at + hi - lo]);
-                    }
-                    let raw = |j: usize| spans(h).find(|&(_, lo, hi)| (lo..hi).contains(&j)).map_or(0.0, |(at, lo, _)| all[at + j - lo]);
+                    let kvh = h / g;
+                    let chunk_counts = spans(h).map(|(at, lo, hi)| crate::levels::ChunkCounts {
+                        first: lo,
+                        pairs: &pairs_all[at..at + hi - lo],
+                        exact: &exact_all[kvh * n + lo..kvh * n + hi],
+                        raw: &all[at..at + hi - lo],
+                    });
+                    // SAFETY: head h's distribution, written by this thread only until the
+                    // barrier after the cuts.
+                    let head = unsafe { &mut *heads_base.add(h) };
+                    head.merge(chunk_counts, call.scale);
                     let bs = sh.bias_step[h].load(Ordering::Relaxed);
-                    let (bias, step) = (f32::from_bits((bs >> 32) as u32), f32::from_bits(bs as u32));
-                    approx::softmax_levels_with(crate::simd::level(), &lv, bias, step, raw, call.scale, sink, p, &mut s.hists[k], &mut s.level_scratch);
-                    s.levels = lv;
-                } else {
-                    for (at, lo, hi) in spans(h) {
-                        p[lo..hi].copy_from_slice(&all[at..at + hi - lo]);
+                    head.softmax(level, f32::from_bits((bs >> 32) as u32), f32::from_bits(bs as u32), call.scale, sink);
+                    if a.layer_k {
+                        sh.ks[h].store(head.count_top_p(a.tau), Ordering::Relaxed);
                     }
-                    approx::softmax(p, sink);
-                    s.hists[k].build(p);
+                    continue;
                 }
+                // SAFETY: head h's row, written by this thread only (see `Shared`).
+                let p = unsafe { std::slice::from_raw_parts_mut(probs_base.add(h * n), n) };
+                for (at, lo, hi) in spans(h) {
+                    p[lo..hi].copy_from_slice(&all[at..at + hi - lo]);
+                }
+                approx::softmax(p, sink);
+                s.hists[k].build(p);
                 if a.layer_k {
                     sh.ks[h].store(s.top.count_with(p, &s.hists[k], a.tau), Ordering::Relaxed);
                 }
@@ -779,24 +838,54 @@ impl Backend {
             // SAFETY: apply sized it for n_head; this thread writes its heads' cuts only.
             let cuts_base = unsafe { (*sh.cuts.get()).as_mut_ptr() };
             for (k, h) in heads.clone().enumerate() {
-                // SAFETY: written above by this thread.
-                let p = unsafe { std::slice::from_raw_parts(probs_base.add(h * n), n) };
-                let cut = approx::cut(p, &s.hists[k], a, k_layer, &mut s.top);
+                let cut = if with_levels {
+                    // SAFETY: as above.
+                    let head = unsafe { &mut *heads_base.add(h) };
+                    match k_layer {
+                        Some(k) => head.cut_top_k(k, levels_of(h)),
+                        None => head.cut_top_p(a.tau, levels_of(h)),
+                    }
+                } else {
+                    // SAFETY: written above by this thread.
+                    let p = unsafe { std::slice::from_raw_parts(probs_base.add(h * n), n) };
+                    approx::cut(p, &s.hists[k], a, k_layer, &mut s.top)
+                };
                 // SAFETY: head h's cut, written by this thread only.
                 unsafe { *cuts_base.add(h) = cut };
             }
             sh.barrier.wait(nth)?;
-            // SAFETY: step 2 is over on every thread; from here probabilities and cuts are only
-            // read.
-            let (probs, cuts) = unsafe { (std::slice::from_raw_parts(probs_base as *const f32, d.n_head * n), std::slice::from_raw_parts(cuts_base as *const Cut, d.n_head)) };
             // 3. the value sums by (KV head, chunk of cells), into each item's partial sums
             let value_chunks = approx::value_chunks(n);
+            let value_items = d.n_head_kv * value_chunks;
+            let mine = value_items * ith / nth..value_items * (ith + 1) / nth;
+            if with_levels {
+                // SAFETY: step 2 is over on every thread; the distributions are only read now.
+                let head_of = |h: usize| unsafe { &*heads_base.add(h) };
+                // the probabilities of this thread's items' cells, which only its items read
+                for i in mine.clone() {
+                    let (kvh, chunk) = (i / value_chunks, i % value_chunks);
+                    let (from, to) = ((chunk * approx::VALUE_CHUNK).min(n), ((chunk + 1) * approx::VALUE_CHUNK).min(n));
+                    for h in kvh * g..(kvh + 1) * g {
+                        for (at, lo, hi) in spans(h) {
+                            let (x0, x1) = (from.max(lo), to.min(hi));
+                            if x0 < x1 {
+                                // SAFETY: cells x0..x1 of head h's row: this item's, written by
+                                // this thread only.
+                                let p = unsafe { std::slice::from_raw_parts_mut(probs_base.add(h * n + x0), x1 - x0) };
+                                head_of(h).lookup(level, &lv_all[at + x0 - lo..at + x1 - lo], x0, p);
+                            }
+                        }
+                    }
+                }
+                sh.barrier.wait(nth)?;
+            }
+            // SAFETY: every probability and cut is written; from here they are only read.
+            let (probs, cuts) = unsafe { (std::slice::from_raw_parts(probs_base as *const f32, d.n_head * n), std::slice::from_raw_parts(cuts_base as *const Cut, d.n_head)) };
             // SAFETY: apply sized them for n_head * value_chunks (* dv); item i writes its own
             // g (* dv) entries only.
             let (parts_base, mass_base) = unsafe { ((*sh.parts.get()).as_mut_ptr(), (*sh.part_mass.get()).as_mut_ptr()) };
             debug_assert!(unsafe { (*sh.parts.get()).len() >= d.n_head * value_chunks * d.dv && (*sh.part_mass.get()).len() >= d.n_head * value_chunks });
-            let value_items = d.n_head_kv * value_chunks;
-            for i in value_items * ith / nth..value_items * (ith + 1) / nth {
+            for i in mine {
                 let (kvh, chunk) = (i / value_chunks, i % value_chunks);
                 // SAFETY: values were stored before this op and are not written during it.
                 let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };

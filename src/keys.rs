@@ -771,7 +771,7 @@ impl KeyStore {
     /// other entries of `exact` are left alone). A head's levels span a few hundred values
     /// (370 to 770 for SmolLM2's heads at 32768 cells), so the softmax can take one exp per
     /// level rather than one per cell
-    /// ([`crate::approx::softmax_levels_with`]). Needs [`has_levels`](Self::has_levels) and the
+    /// ([`crate::levels`]). Needs [`has_levels`](Self::has_levels) and the
     /// query prepared.
     ///
     /// # Safety

@@ -21,6 +21,7 @@ pub mod error;
 pub mod gguf;
 pub mod gpu;
 pub mod keys;
+pub mod levels;
 pub mod llama;
 pub mod models;
 pub mod options;

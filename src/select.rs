@@ -123,29 +123,6 @@ impl Histogram {
     }
 }
 
-impl Histogram {
-    /// [`build`](Self::build) for a distribution whose tokens share few distinct probabilities:
-    /// `groups` gives each distinct probability with the number of tokens that have it, every
-    /// token of `p` counted once, in any order. Counts, buckets and the bucket range are the
-    /// ones `build(p)` finds; a bucket's mass is the sum of count times probability (exact in
-    /// f64) where `build` adds token after token.
-    #[inline(always)]
-    pub fn build_grouped(&mut self, p: &[f32], groups: impl Iterator<Item = (f32, u32)>) {
-        self.start(p);
-        // `build` leaves entries outside its bucket range as they were
-        self.count.iter_mut().for_each(|c| *c = 0);
-        self.mass.iter_mut().for_each(|m| *m = 0.0);
-        let (mut lo, mut hi) = (usize::MAX, 0);
-        for (x, n) in groups.filter(|g| g.1 > 0) {
-            let b = bucket_of(x) as usize;
-            self.count[b] += n;
-            self.mass[b] += n as f64 * x as f64;
-            (lo, hi) = (lo.min(b), hi.max(b));
-        }
-        (self.lo, self.hi) = if lo > hi { (1, 0) } else { (lo, hi) };
-    }
-}
-
 /// Append to `out` the indices i whose `take(i, bucket[i])` holds, in order. Every index is
 /// written and the length advances only when taken: no branch to mispredict on a selection
 /// that is scattered over the tokens.
@@ -263,6 +240,11 @@ impl Cut {
 
     fn at(b: Boundary) -> Cut {
         Cut { edge: bucket_of(b.value), key: key(b.value), index: b.index }
+    }
+
+    /// Every token ranked at or above the token `index` of probability `value`.
+    pub(crate) fn boundary(value: f32, index: u32) -> Cut {
+        Cut::at(Boundary { value, index })
     }
 
     /// The bucket that needs a look at the token itself.
@@ -592,52 +574,6 @@ pub(crate) mod tests {
         for cut in cuts {
             for (i, &x) in p.iter().enumerate() {
                 assert_eq!(cut.takes(i, h.buckets()[i], x), cut.takes_p(i, x), "{cut:?} token {i} p {x}");
-            }
-        }
-    }
-
-    #[test]
-    fn grouped_histogram_selects_as_the_token_by_token_one() {
-        let mut seed = 77u64;
-        for (n, values) in [(1usize, 1usize), (40, 3), (1000, 50), (5000, 700)] {
-            // tokens at a few distinct probabilities, and a handful of their own
-            let table: Vec<f32> = (0..values).map(|_| rng(&mut seed) * 4.0).collect();
-            let mut at: Vec<Option<usize>> = (0..n).map(|_| Some((rng(&mut seed) * values as f32) as usize % values)).collect();
-            for i in (0..n).step_by(97) {
-                at[i] = None;
-            }
-            let z: Vec<f32> = at.iter().map(|a| a.map_or_else(|| rng(&mut seed) * 5.0, |k| table[k])).collect();
-            let p = softmax(&z);
-            let mut groups: Vec<(f32, u32)> = vec![(0.0, 0); values];
-            let mut singles = Vec::new();
-            for (j, a) in at.iter().enumerate() {
-                match a {
-                    Some(k) => groups[*k] = (p[j], groups[*k].1 + 1),
-                    None => singles.push((p[j], 1)),
-                }
-            }
-            let (mut one, mut grouped) = (Histogram::default(), Histogram::default());
-            one.build(&p);
-            // a previous build's counts must not leak into the next
-            grouped.build(&softmax(&vec![1.0; n + 3]));
-            grouped.build_grouped(&p, groups.iter().chain(&singles).copied());
-            assert_eq!((one.lo, one.hi), (grouped.lo, grouped.hi), "n {n}");
-            assert_eq!(one.bucket, grouped.bucket);
-            for b in one.lo..=one.hi {
-                assert_eq!(one.count[b], grouped.count[b], "bucket {b}");
-                assert!((one.mass[b] - grouped.mass[b]).abs() <= 1e-12 * one.mass[b], "bucket {b}: {} vs {}", one.mass[b], grouped.mass[b]);
-            }
-            let mut top = TopP::default();
-            for tau in [0.3f32, 0.9, 0.999] {
-                let (mut a, mut b) = (Vec::new(), Vec::new());
-                top.select_with(&p, &one, tau, &mut a);
-                top.select_with(&p, &grouped, tau, &mut b);
-                assert_eq!(a, b, "n {n} tau {tau}");
-                assert_eq!(a, sorted_set(top_p_sorted(&p, tau)));
-                assert_eq!(top.count_with(&p, &grouped, tau), a.len());
-            }
-            for k in [1, n / 3, n] {
-                assert_eq!(top.cut_top_k_with(&p, &one, k), top.cut_top_k_with(&p, &grouped, k), "n {n} k {k}");
             }
         }
     }
