@@ -1,13 +1,14 @@
 //! The HCAttention decode path: approximate logits from the key store (codes, or exact rows
-//! where the store keeps them; for 4-bit codes the scan's integer levels, whose softmax takes
-//! one exp per distinct level), softmax over every visible token, the smallest top set whose
-//! mass reaches `tau` (per head, or one k for all heads of the layer), and the
-//! probability-weighted sum of only those tokens' values.
+//! where the store keeps them; for 4-bit codes the scan's integer levels, whose softmax and
+//! selection [`crate::levels`] takes from their counts), softmax over every visible token, the
+//! smallest top set whose mass reaches `tau` (per head, or one k for all heads of the layer),
+//! and the probability-weighted sum of only those tokens' values.
 //!
 //! The steps are separate functions so that the backend can run them two ways: all steps of
 //! one token in one work item ([`approximate`], for ubatches of several tokens), or each step
 //! split across the op's threads with a barrier between steps (one token decoding: scoring by
-//! (KV head, cell chunk), softmax, selection and value sums by query head).
+//! (KV head, cell chunk), softmax and selection by query head, value sums by (KV head, cell
+//! chunk)).
 
 use half::f16;
 

@@ -1,6 +1,6 @@
 //! A query head's attention distribution from the 4-bit scan's levels (see
-//! [`crate::approx::levels`]), and its selection, without a pass over the head's cells that
-//! cannot be split across threads.
+//! [`crate::approx::levels`]), and its selection, such that the passes over the head's cells
+//! split across threads but one: a count up to the selection's boundary cell.
 //!
 //! A 4-bit score is `bias + step × s` for an integer sum s, so a head's n scores take only the
 //! few thousand levels between its lowest and highest sum, and cells at one level share one
@@ -256,8 +256,9 @@ impl HeadLevels {
             *e = exp(logit(lo + k as u16) - m);
         }
         // The walk from the top level down takes the probabilities in order only if they do
-        // not fall with the level. The exact logits do not, but the exp's polynomial can, by
-        // an ulp where its range reduction changes: keep the larger one there.
+        // not fall with the level. The logits grow with it, but the exp's polynomial (or a
+        // soft cap's tanh) may dip by an ulp where its range reduction changes: keep the
+        // larger one there.
         if prob.windows(2).any(|w| w[1] < w[0]) {
             for k in 1..r {
                 prob[k] = prob[k].max(prob[k - 1]);
