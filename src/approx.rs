@@ -749,7 +749,7 @@ pub unsafe fn approximate<'a>(
     cuts.clear();
     for i in 0..heads {
         cuts.push(if with_levels {
-            let (head, l) = (&mut s.heads[i], std::iter::once((0, &lv[i * n..(i + 1) * n])));
+            let (head, l) = (&s.heads[i], std::iter::once((0, &lv[i * n..(i + 1) * n])));
             match k_layer {
                 Some(k) => head.cut_top_k(k, l),
                 None => head.cut_top_p(a.tau, l),

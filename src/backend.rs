@@ -839,8 +839,8 @@ impl Backend {
             let cuts_base = unsafe { (*sh.cuts.get()).as_mut_ptr() };
             for (k, h) in heads.clone().enumerate() {
                 let cut = if with_levels {
-                    // SAFETY: as above.
-                    let head = unsafe { &mut *heads_base.add(h) };
+                    // SAFETY: written above by this thread.
+                    let head = unsafe { &*heads_base.add(h) };
                     match k_layer {
                         Some(k) => head.cut_top_k(k, levels_of(h)),
                         None => head.cut_top_p(a.tau, levels_of(h)),

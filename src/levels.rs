@@ -170,7 +170,7 @@ pub struct HeadLevels {
     prob: Vec<f32>,
     /// the exact cells in index order: (index, logit), then (index, probability)
     exact: Vec<(u32, f32)>,
-    /// the exact cells by probability, highest first, then by index
+    /// the exact cells by probability, highest first, then by index (from `softmax`)
     ranked: Vec<(u32, f32)>,
     /// the head's cells
     n: usize,
@@ -249,6 +249,7 @@ impl HeadLevels {
         if !m.is_finite() {
             // nothing visible (or every logit -inf): no mass anywhere
             self.exact.iter_mut().for_each(|e| e.1 = 0.0);
+            self.rank_exact();
             return;
         }
         let prob = &mut self.prob[..r];
@@ -287,13 +288,18 @@ impl HeadLevels {
         let inv = if sum > 0.0 { (1.0 / sum) as f32 } else { 0.0 };
         prob.iter_mut().for_each(|x| *x *= inv);
         self.exact.iter_mut().for_each(|e| e.1 *= inv);
+        self.rank_exact();
     }
 
-    /// The groups of equal probability, highest first.
-    fn groups(&mut self) -> impl Iterator<Item = Group> + '_ {
+    /// `ranked` from the exact cells' probabilities.
+    fn rank_exact(&mut self) {
         self.ranked.clear();
         self.ranked.extend_from_slice(&self.exact);
         self.ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+
+    /// The groups of equal probability, highest first.
+    fn groups(&self) -> impl Iterator<Item = Group> + '_ {
         let (prob, count, ranked) = (&self.prob, &self.count, &self.ranked);
         let (mut k, mut i) = (count.len(), 0);
         std::iter::from_fn(move || {
@@ -323,7 +329,7 @@ impl HeadLevels {
     /// The group where the mass, summed from the top, reaches `tau`, the mass and count above
     /// it, and how many of its cells (by index) complete the set; None when the total falls
     /// short (by rounding) or `tau >= 1`: every cell.
-    fn top_p_edge(&mut self, tau: f32) -> Option<(Group, usize, usize)> {
+    fn top_p_edge(&self, tau: f32) -> Option<(Group, usize, usize)> {
         if tau >= 1.0 {
             return None;
         }
@@ -350,7 +356,7 @@ impl HeadLevels {
     }
 
     /// The size of the top-p set [`cut_top_p`](Self::cut_top_p) takes.
-    pub fn count_top_p(&mut self, tau: f32) -> usize {
+    pub fn count_top_p(&self, tau: f32) -> usize {
         match self.top_p_edge(tau) {
             Some((_, above, m)) => above + m,
             None => self.n,
@@ -360,7 +366,7 @@ impl HeadLevels {
     /// The top-p set at `tau`: the shortest prefix of the reference order whose mass reaches
     /// tau. `lv` gives the head's levels chunk by chunk, in index order, each with its first
     /// cell.
-    pub fn cut_top_p<'a>(&mut self, tau: f32, lv: impl Iterator<Item = (usize, &'a [u16])>) -> Cut {
+    pub fn cut_top_p<'a>(&self, tau: f32, lv: impl Iterator<Item = (usize, &'a [u16])>) -> Cut {
         match self.top_p_edge(tau) {
             Some((g, _, m)) => Cut::boundary(g.x, self.nth(&g, m, lv)),
             None => Cut::ALL,
@@ -368,7 +374,7 @@ impl HeadLevels {
     }
 
     /// The top `k` cells in the reference order (`lv` as [`cut_top_p`](Self::cut_top_p)).
-    pub fn cut_top_k<'a>(&mut self, k: usize, lv: impl Iterator<Item = (usize, &'a [u16])>) -> Cut {
+    pub fn cut_top_k<'a>(&self, k: usize, lv: impl Iterator<Item = (usize, &'a [u16])>) -> Cut {
         if k >= self.n {
             return Cut::ALL;
         }

@@ -80,9 +80,8 @@ impl Histogram {
         &self.bucket
     }
 
-    /// The first part of both builds: the buffers (allocated once) and each token's bucket.
-    #[inline(always)]
-    fn start(&mut self, p: &[f32]) {
+    pub fn build(&mut self, p: &[f32]) {
+        // the buffers, allocated once
         if self.count.is_empty() {
             self.count = vec![0; BUCKETS];
             self.mass = vec![0.0; BUCKETS];
@@ -91,10 +90,6 @@ impl Histogram {
         }
         self.bucket.clear();
         self.bucket.extend(p.iter().map(|&x| bucket_of(x)));
-    }
-
-    pub fn build(&mut self, p: &[f32]) {
-        self.start(p);
         let (lo, hi) = self.bucket.iter().fold((u16::MAX, 0u16), |(lo, hi), &b| (lo.min(b), hi.max(b)));
         let (wc, wm) = (&mut self.ways_count[..WAYS * BUCKETS], &mut self.ways_mass[..WAYS * BUCKETS]);
         for (b, x) in self.bucket.chunks_exact(WAYS).zip(p.chunks_exact(WAYS)) {
