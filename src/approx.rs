@@ -50,6 +50,8 @@ pub struct ApproxScratch {
     pub(crate) cuts: Vec<Cut>,
     pub(crate) parts: Vec<f32>,
     pub(crate) part_mass: Vec<f64>,
+    /// the decode's 4-bit value items: one chunk's probabilities of a KV head's query heads
+    pub(crate) chunk_probs: Vec<f32>,
 }
 
 /// The g query heads' scoring tables in `s.prep`. The queries are rounded to f16 as stock
@@ -239,19 +241,60 @@ pub fn weighted_sum_portable<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, 
     }
 }
 
+/// Selected rows read ahead of the one being summed ([`prefetch_row`]), in the AVX2 kernels.
+/// A chunk's selected rows are scattered over the value store, one cache miss each; without
+/// reads ahead the sum waited on each in turn (about half of a 32768-deep 4-bit decode's time
+/// on an AVX2-only Zen 3; with them and the union pass, decode there went 1.2 to 1.7 times
+/// faster at 8192 and 32768 tokens). On the AVX-512 machine of earlier stops reads ahead
+/// gave nothing, so its kernels have none.
+const ROWS_AHEAD: usize = 16;
+
+/// Ask for the cache lines of a row of `bytes` bytes from `at`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(at: *const f16, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let at = at as *const i8;
+    // SAFETY: a prefetch is a hint and never faults; the addresses stay inside the row (or one
+    // past it for an empty one, which is not dereferenced either).
+    unsafe {
+        let mut b = 0;
+        while b < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(b));
+            b += 64;
+        }
+        // the last line of a row that does not start on a line
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes.saturating_sub(1)));
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_sum_avx2<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32]) {
+    // the common row lengths get accumulators that stay in registers
+    match out.len() {
+        64 => weighted_sum_avx2_lanes::<8>(p, sel, w, cells, val, out, 8),
+        128 => weighted_sum_avx2_lanes::<16>(p, sel, w, cells, val, out, 16),
+        dv => weighted_sum_avx2_lanes::<32>(p, sel, w, cells, val, out, dv / 8),
+    }
+}
+
+/// [`weighted_sum_avx2`] with `lanes` (at most L) vectors of 8 values a row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_sum_avx2_lanes<'a, const L: usize>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], lanes: usize) {
     use std::arch::x86_64::*;
-    let dv = out.len();
-    let lanes = dv / 8;
-    // up to 32 accumulators of 8 (dv <= 256, checked by the caller), kept in registers for
-    // the common dv = 64 or 128
-    let mut acc = [_mm256_setzero_ps(); 32];
-    for &j in sel {
+    assert!(lanes <= L && out.len() == lanes * 8);
+    let mut acc = [_mm256_setzero_ps(); L];
+    for (i, &j) in sel.iter().enumerate() {
+        if let Some(&ahead) = sel.get(i + ROWS_AHEAD) {
+            prefetch_row(val(cells[ahead as usize].1).as_ptr(), lanes * 16);
+        }
         let pj = _mm256_set1_ps(p[j as usize] * w);
         let row = val(cells[j as usize].1);
-        assert!(row.len() >= dv);
+        assert!(row.len() >= lanes * 8);
         let src = row.as_ptr() as *const __m128i;
         for (l, a) in acc.iter_mut().enumerate().take(lanes) {
             let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(l)));
@@ -343,18 +386,28 @@ pub fn cut(p: &[f32], h: &Histogram, a: Approx, k_layer: Option<usize>, top: &mu
     }
 }
 
+/// The probabilities of the query heads of one KV head over cells `first..` of their list:
+/// head k's of cell j at `p[k * stride + j - first]`. The decode's value items pass only
+/// their own chunk's (`first` its first cell), the other paths whole rows (`first` 0).
+#[derive(Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub p: &'a [f32],
+    pub stride: usize,
+    pub first: usize,
+}
+
 /// The partial value sums over chunk `c` (see [`VALUE_CHUNK`]) of the query heads of one KV
-/// head, whose probabilities `probs` holds one after another and whose cuts are `cuts`:
+/// head, whose probabilities `rows` holds (at least over the chunk) and whose cuts are `cuts`:
 /// `out[k * dv..]` = sum over the chunk's tokens j that head k's cut takes of
 /// `p_k[j] * val(cells[j])`, `mass[k]` = sum of those p_k[j] (f64, in index order). With
-/// AVX-512 and a row length of 64 or 128, up to [`UNION_HEADS`] (4 or 2) heads share one pass
-/// over their selections' union, which reads each value row once for all of them: the rows
-/// are scattered over the value store and each read waits on memory. Otherwise each head
-/// collects its tokens and sums them with [`weighted_sum`].
+/// AVX-512 and a row length of 64 or 128, or AVX2 and 64, up to [`UNION_HEADS`] (4, or 2 for
+/// 128) heads share one pass over their selections' union, which reads each value row once
+/// for all of them: the rows are scattered over the value store and each read waits on
+/// memory. Otherwise each head collects its tokens and sums them with [`weighted_sum`].
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_sums<'a>(
     level: Level,
-    probs: &[f32],
+    rows: HeadRows,
     cuts: &[Cut],
     cells: &[(i32, u32)],
     c: usize,
@@ -364,32 +417,38 @@ pub fn chunk_sums<'a>(
     sel: &mut Vec<u32>,
 ) {
     let (heads, n) = (cuts.len(), cells.len());
-    assert!(heads > 0 && out.len().is_multiple_of(heads) && mass.len() == heads && probs.len() >= heads * n);
-    let dv = out.len() / heads;
     let range = (c * VALUE_CHUNK).min(n)..((c + 1) * VALUE_CHUNK).min(n);
-    let p = |k: usize| &probs[k * n..(k + 1) * n];
+    assert!(heads > 0 && out.len().is_multiple_of(heads) && mass.len() == heads);
+    assert!(range.start >= rows.first && range.end - rows.first <= rows.stride && (heads - 1) * rows.stride + range.end - rows.first <= rows.p.len());
+    let dv = out.len() / heads;
+    // from here the chunk's cells are numbered from 0, its probabilities and cuts with them
+    let (at, len) = (range.start - rows.first, range.len());
+    let p = |k: usize| &rows.p[k * rows.stride + at..k * rows.stride + at + len];
+    let first = range.start;
+    let cut = |k: usize| cuts[k].renumbered_from(first);
+    let cells = &cells[range];
     let level = level.usable();
     let per = match dv {
         64 => UNION_HEADS,
         128 => 2,
         _ => 0,
     };
-    if level >= Level::Avx512 && per > 0 {
+    if (level >= Level::Avx512 && per > 0) || (level >= Level::Avx2 && union_avx2_fits(per.min(heads), dv)) {
         let mut k0 = 0;
         while k0 < heads {
             let k1 = (k0 + per).min(heads);
             let mut picks = [Pick { p: &[], cut: Cut::NONE }; UNION_HEADS];
             for (k, pick) in (k0..k1).zip(picks.iter_mut()) {
-                *pick = Pick { p: p(k), cut: cuts[k] };
+                *pick = Pick { p: p(k), cut: cut(k) };
             }
-            union_sum_range(level, &picks[..k1 - k0], cells, range.clone(), &val, &mut out[k0 * dv..k1 * dv], &mut mass[k0..k1]);
+            union_sum_range(level, &picks[..k1 - k0], cells, 0..len, &val, &mut out[k0 * dv..k1 * dv], &mut mass[k0..k1]);
             k0 = k1;
         }
         return;
     }
     for k in 0..heads {
         let pk = p(k);
-        collect_cut(level, pk, cuts[k], range.clone(), sel);
+        collect_cut(level, pk, cut(k), 0..len, sel);
         weighted_sum_with(level, pk, sel, 1.0, cells, &val, &mut out[k * dv..(k + 1) * dv]);
         mass[k] = sel.iter().map(|&j| pk[j as usize] as f64).sum();
     }
@@ -463,7 +522,7 @@ pub fn value_sums<'a>(
     part_mass.resize(chunks * heads, 0.0);
     for c in 0..chunks {
         let (o, m) = (&mut parts[c * heads * dv..(c + 1) * heads * dv], &mut part_mass[c * heads..(c + 1) * heads]);
-        chunk_sums(level, probs, cuts, cells, c, &val, o, m, sel);
+        chunk_sums(level, HeadRows { p: probs, stride: cells.len(), first: 0 }, cuts, cells, c, &val, o, m, sel);
     }
     for k in 0..heads {
         let parts = (0..chunks).map(|c| (&parts[(c * heads + k) * dv..(c * heads + k + 1) * dv], part_mass[c * heads + k]));
@@ -500,9 +559,17 @@ pub fn union_sum_range<'a>(
     assert!(picks.iter().all(|k| k.p.len() >= n));
     let dv = out.len() / heads;
     #[cfg(target_arch = "x86_64")]
-    if level.usable() >= Level::Avx512 && union_avx512_fits(heads, dv) {
-        // SAFETY: AVX-512 is present (`usable` checked it); lengths were checked above.
-        return unsafe { union_sum_avx512(picks, cells, range, val, out, mass) };
+    {
+        let level = level.usable();
+        if level >= Level::Avx512 && union_avx512_fits(heads, dv) {
+            // SAFETY: AVX-512 is present (`usable` checked it); lengths were checked above.
+            return unsafe { union_sum_avx512(picks, cells, range, val, out, mass) };
+        }
+        if level >= Level::Avx2 && union_avx2_fits(heads, dv) {
+            // SAFETY: AVX2, FMA and F16C are present (`usable` checked them); lengths were
+            // checked above.
+            return unsafe { union_sum_avx2(picks, cells, range, val, out, mass) };
+        }
     }
     let _ = level;
     union_sum_portable(picks, cells, range, val, out, mass)
@@ -529,6 +596,101 @@ pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::
 /// Whether [`union_sum_with`] has an AVX-512 kernel for this many heads and this dv.
 fn union_avx512_fits(heads: usize, dv: usize) -> bool {
     matches!((heads, dv), (1..=4, 64) | (1..=2, 128))
+}
+
+/// Whether [`union_sum_with`] has an AVX2 kernel for this many heads and this dv.
+fn union_avx2_fits(heads: usize, dv: usize) -> bool {
+    matches!((heads, dv), (1..=UNION_HEADS, 64))
+}
+
+/// [`union_sum_range`] for AVX2 and rows of 64 values, dispatched by the number of picks. The
+/// caller checked [`union_avx2_fits`] and the lengths.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn union_sum_avx2<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    match picks.len() {
+        1 => union_sum_avx2_k::<1>(picks, cells, range, val, out, mass),
+        2 => union_sum_avx2_k::<2>(picks, cells, range, val, out, mass),
+        3 => union_sum_avx2_k::<3>(picks, cells, range, val, out, mass),
+        _ => union_sum_avx2_k::<4>(picks, cells, range, val, out, mass),
+    }
+}
+
+/// `G` picks, rows of 64 values, [`VALUE_CHUNK`] tokens at a time: first the picks' cuts as
+/// bit masks ([`take_mask32_avx2`]) into one list of (token, the picks that take it), then
+/// each listed row read once, [`ROWS_AHEAD`] rows after its read was asked for, converted
+/// once and added into each pick that takes it. Each pick's sums are the FMAs that
+/// [`weighted_sum`] does for its own list, in the same order: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn union_sum_avx2_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let n = range.end;
+    assert!(picks.len() == G && G <= 4 && out.len() == G * 8 * L && mass.len() == G && n <= cells.len());
+    assert!(picks.iter().all(|k| k.p.len() >= n));
+    let mut acc = [[_mm256_setzero_ps(); L]; G];
+    let mut m = [0f64; G];
+    // (token - window start) << 4 | the picks that take it, as bits
+    let mut list = [0u32; VALUE_CHUNK];
+    let mut from = range.start;
+    while from < n {
+        let to = (from + VALUE_CHUNK).min(n);
+        let mut listed = 0;
+        let mut i = from;
+        while i < to {
+            let mut take = [0u32; G];
+            for (t, pk) in take.iter_mut().zip(picks) {
+                if i + 32 <= to {
+                    *t = take_mask32_avx2(pk.p, i, pk.cut);
+                } else {
+                    for j in i..to {
+                        *t |= (pk.cut.takes_p(j, pk.p[j]) as u32) << (j - i);
+                    }
+                }
+            }
+            let mut union = take.iter().fold(0, |u, t| u | t);
+            while union != 0 {
+                let z = union.trailing_zeros();
+                union &= union - 1;
+                let by = take.iter().enumerate().fold(0, |b, (k, t)| b | ((t >> z) & 1) << k);
+                list[listed] = ((i - from + z as usize) as u32) << 4 | by;
+                listed += 1;
+            }
+            i += 32;
+        }
+        let row_of = |e: u32| val(cells[from + (e >> 4) as usize].1);
+        for x in 0..listed {
+            if x + ROWS_AHEAD < listed {
+                prefetch_row(row_of(list[x + ROWS_AHEAD]).as_ptr(), 8 * L * 2);
+            }
+            let (e, j) = (list[x], from + (list[x] >> 4) as usize);
+            let row = row_of(e);
+            assert!(row.len() >= 8 * L);
+            let src = row.as_ptr() as *const __m128i;
+            let mut v = [_mm256_setzero_ps(); L];
+            for (l, v) in v.iter_mut().enumerate() {
+                *v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(l)));
+            }
+            for k in 0..G {
+                if (e >> k) & 1 != 0 {
+                    let pj = picks[k].p[j];
+                    m[k] += pj as f64;
+                    let w = _mm256_set1_ps(pj);
+                    for (a, v) in acc[k].iter_mut().zip(&v) {
+                        *a = _mm256_fmadd_ps(w, *v, *a);
+                    }
+                }
+            }
+        }
+        from = to;
+    }
+    for (k, a) in acc.iter().enumerate() {
+        for (l, v) in a.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add((k * L + l) * 8), *v);
+        }
+    }
+    mass.copy_from_slice(&m);
 }
 
 /// [`union_sum_range`] for AVX-512, dispatched to a kernel whose accumulators are all in
@@ -862,6 +1024,20 @@ mod tests {
                     for (x, y) in want.iter().zip(&got) {
                         assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}: {x} vs {y}");
                     }
+                    // where the level has a union kernel for this shape (or none at all),
+                    // each head's sum is the one its own list gives at this level, bit for bit:
+                    // the union only shares the reads
+                    let union_kernel = match level.usable() {
+                        Level::Portable => true,
+                        Level::Avx2 => union_avx2_fits(heads, dv),
+                        Level::Avx512 => union_avx512_fits(heads, dv),
+                    };
+                    for (k, pk) in picks.iter().enumerate().filter(|_| union_kernel) {
+                        let sel: Vec<u32> = (0..n).filter(|&j| pk.cut.takes_p(j, pk.p[j])).map(|j| j as u32).collect();
+                        let mut alone = vec![0f32; dv];
+                        weighted_sum_with(level, pk.p, &sel, 1.0, &cells, |c| &rows[c as usize], &mut alone);
+                        assert_eq!(alone, got[k * dv..(k + 1) * dv], "{what}: head {k} alone");
+                    }
                     union_sum_range(level, &picks, &cells, part.clone(), |c| &rows[c as usize], &mut got, &mut mass);
                     for (x, y) in want_part.iter().zip(&got) {
                         assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}, tokens {part:?}: {x} vs {y}");
@@ -874,8 +1050,9 @@ mod tests {
     #[test]
     fn union_value_sum_leaves_rows_a_head_does_not_take_alone() {
         // token 0 holds the most mass for head 0 and none for head 1; its row is not finite
+        // (64 values: the row length the SIMD union kernels take)
         let n = 64;
-        let dv = 16;
+        let dv = 64;
         let mut p0 = vec![0.5 / (n - 1) as f32; n];
         p0[0] = 0.5;
         let mut p1 = vec![1.0 / (n - 1) as f32; n];
@@ -967,7 +1144,14 @@ mod tests {
                     let mut by_chunk = vec![(vec![0f32; heads * dv], vec![0f64; heads]); chunks];
                     for c in (0..chunks).rev() {
                         let (o, m) = &mut by_chunk[c];
-                        chunk_sums(level, &probs_all, &cuts, &cells, c, |c| &rows[c as usize], o, m, &mut sel);
+                        chunk_sums(level, HeadRows { p: &probs_all, stride: n, first: 0 }, &cuts, &cells, c, |c| &rows[c as usize], o, m, &mut sel);
+                        // and from the chunk's probabilities alone, as the decode's 4-bit items
+                        // have them (its cells renumbered, and the cuts with them): the same bits
+                        let (from, to) = (c * VALUE_CHUNK, ((c + 1) * VALUE_CHUNK).min(n));
+                        let mine: Vec<f32> = (0..heads).flat_map(|k| probs_all[k * n + from..k * n + to].to_vec()).collect();
+                        let (mut o2, mut m2) = (vec![0f32; heads * dv], vec![0f64; heads]);
+                        chunk_sums(level, HeadRows { p: &mine, stride: to - from, first: from }, &cuts, &cells, c, |c| &rows[c as usize], &mut o2, &mut m2, &mut sel);
+                        assert_eq!((&o2, &m2), (&*o, &*m), "{what}: chunk {c} from its own probabilities");
                     }
                     for k in 0..heads {
                         let mut again = vec![0f32; dv];

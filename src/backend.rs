@@ -130,7 +130,8 @@ pub struct Backend {
 /// work item: g rows of the chunk's length, back to back, in the order of the items. Step 2
 /// reads them (after the barrier) and writes each head's k, probabilities (with levels: its
 /// distribution over them) and cut; step 3 reads those and writes partial value sums (with
-/// levels, after the item's probabilities), which step 4 adds up.
+/// levels, from the item's probabilities, which it writes into its thread's scratch), which
+/// step 4 adds up.
 #[derive(Default)]
 struct Shared {
     logits: UnsafeCell<Vec<f32>>,
@@ -145,9 +146,10 @@ struct Shared {
     pairs: UnsafeCell<Vec<u64>>,
     exact_at: UnsafeCell<Vec<u32>>,
     heads: UnsafeCell<Vec<HeadLevels>>,
-    /// each query head's probabilities (n a head) and cut, written by the thread that owns the
-    /// head in step 2 and read by every thread in step 3; the partial value sums (g * dv) and
-    /// masses (g) of each (KV head, chunk) item of step 3, read in step 4
+    /// each query head's probabilities (n a head; stores without levels only) and cut,
+    /// written by the thread that owns the head in step 2 and read by every thread in step 3;
+    /// the partial value sums (g * dv) and masses (g) of each (KV head, chunk) item of step 3,
+    /// read in step 4
     probs: UnsafeCell<Vec<f32>>,
     cuts: UnsafeCell<Vec<Cut>>,
     parts: UnsafeCell<Vec<f32>>,
@@ -692,7 +694,8 @@ impl Backend {
     ///    k per layer, a barrier for the layer's k first);
     /// 3. the value sums, by (KV head, chunk of `approx::VALUE_CHUNK` cells), into partial
     ///    sums: the threads share the value reads evenly whatever the head count; with levels,
-    ///    each item first writes its cells' probabilities (and a barrier follows);
+    ///    each item first looks its cells' probabilities up into its thread's scratch, where
+    ///    its sums read them back from the cache (no barrier, no shared rows of n);
     /// 4. each head's output, its partial sums added in chunk order (the same bits on any
     ///    thread count), by query head.
     #[allow(clippy::too_many_arguments)]
@@ -857,42 +860,43 @@ impl Backend {
             // 3. the value sums by (KV head, chunk of cells), into each item's partial sums
             let value_chunks = approx::value_chunks(n);
             let value_items = d.n_head_kv * value_chunks;
-            let mine = value_items * ith / nth..value_items * (ith + 1) / nth;
-            if with_levels {
-                // SAFETY: step 2 is over on every thread; the distributions are only read now.
-                let head_of = |h: usize| unsafe { &*heads_base.add(h) };
-                // the probabilities of this thread's items' cells, which only its items read
-                for i in mine.clone() {
-                    let (kvh, chunk) = (i / value_chunks, i % value_chunks);
-                    let (from, to) = ((chunk * approx::VALUE_CHUNK).min(n), ((chunk + 1) * approx::VALUE_CHUNK).min(n));
-                    for h in kvh * g..(kvh + 1) * g {
-                        for (at, lo, hi) in spans(h) {
-                            let (x0, x1) = (from.max(lo), to.min(hi));
-                            if x0 < x1 {
-                                // SAFETY: cells x0..x1 of head h's row: this item's, written by
-                                // this thread only.
-                                let p = unsafe { std::slice::from_raw_parts_mut(probs_base.add(h * n + x0), x1 - x0) };
-                                head_of(h).lookup(level, &lv_all[at + x0 - lo..at + x1 - lo], x0, p);
-                            }
-                        }
-                    }
-                }
-                sh.barrier.wait(nth)?;
-            }
-            // SAFETY: every probability and cut is written; from here they are only read.
-            let (probs, cuts) = unsafe { (std::slice::from_raw_parts(probs_base as *const f32, d.n_head * n), std::slice::from_raw_parts(cuts_base as *const Cut, d.n_head)) };
+            // SAFETY (the three): step 2 is over on every thread, so every cut is written, and
+            // every distribution (with levels) or probability (without); from here they are
+            // only read.
+            let cuts = unsafe { std::slice::from_raw_parts(cuts_base as *const Cut, d.n_head) };
+            let probs = if with_levels { &[][..] } else { unsafe { std::slice::from_raw_parts(probs_base as *const f32, d.n_head * n) } };
+            let head_of = |h: usize| unsafe { &*heads_base.add(h) };
             // SAFETY: apply sized them for n_head * value_chunks (* dv); item i writes its own
             // g (* dv) entries only.
             let (parts_base, mass_base) = unsafe { ((*sh.parts.get()).as_mut_ptr(), (*sh.part_mass.get()).as_mut_ptr()) };
             debug_assert!(unsafe { (*sh.parts.get()).len() >= d.n_head * value_chunks * d.dv && (*sh.part_mass.get()).len() >= d.n_head * value_chunks });
-            for i in mine {
+            for i in value_items * ith / nth..value_items * (ith + 1) / nth {
                 let (kvh, chunk) = (i / value_chunks, i % value_chunks);
+                let rows = if with_levels {
+                    // the chunk's probabilities from the levels, into this thread's scratch: they
+                    // are read back at once, from the cache, and by this item only
+                    let (from, to) = ((chunk * approx::VALUE_CHUNK).min(n), ((chunk + 1) * approx::VALUE_CHUNK).min(n));
+                    let len = to - from;
+                    s.chunk_probs.resize(g * len, 0.0);
+                    for hg in 0..g {
+                        let h = kvh * g + hg;
+                        for (at, lo, hi) in spans(h) {
+                            let (x0, x1) = (from.max(lo), to.min(hi));
+                            if x0 < x1 {
+                                let p = &mut s.chunk_probs[hg * len + x0 - from..hg * len + x1 - from];
+                                head_of(h).lookup(level, &lv_all[at + x0 - lo..at + x1 - lo], x0, p);
+                            }
+                        }
+                    }
+                    approx::HeadRows { p: &s.chunk_probs, stride: len, first: from }
+                } else {
+                    approx::HeadRows { p: &probs[kvh * g * n..(kvh + 1) * g * n], stride: n, first: 0 }
+                };
                 // SAFETY: values were stored before this op and are not written during it.
                 let val = |c: u32| unsafe { &layer.vals.row(c as usize)[kvh * d.dv..(kvh + 1) * d.dv] };
                 // SAFETY: item i's partial sums and masses, written by this thread only.
                 let (o, m) = unsafe { (std::slice::from_raw_parts_mut(parts_base.add(i * g * d.dv), g * d.dv), std::slice::from_raw_parts_mut(mass_base.add(i * g), g)) };
-                let (p, cut) = (&probs[kvh * g * n..(kvh + 1) * g * n], &cuts[kvh * g..(kvh + 1) * g]);
-                approx::chunk_sums(crate::simd::level(), p, cut, cells, chunk, val, o, m, &mut s.sel);
+                approx::chunk_sums(level, rows, &cuts[kvh * g..(kvh + 1) * g], cells, chunk, val, o, m, &mut s.sel);
             }
             sh.barrier.wait(nth)?;
             // 4. each head's output from its KV head's chunks, in chunk order

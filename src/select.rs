@@ -274,6 +274,22 @@ impl Cut {
         self.index
     }
 
+    /// The same cut over the tokens from `first` on, numbered from 0 there: token i takes the
+    /// same answer as token `first + i` from `self`. When the boundary token lies before
+    /// `first`, the tokens of its key that remain all rank below it, so the cut becomes "a key
+    /// above the boundary's", which is the next key with every index. The edge bucket is
+    /// kept: the buckets follow the keys, so `takes` still agrees.
+    pub fn renumbered_from(&self, first: usize) -> Cut {
+        if self.edge == Cut::NONE.edge {
+            return Cut::NONE;
+        }
+        match u32::try_from(first) {
+            Ok(f) if f <= self.index => Cut { index: self.index - f, ..*self },
+            _ if self.key == u32::MAX => Cut::NONE,
+            _ => Cut { key: self.key + 1, index: u32::MAX, ..*self },
+        }
+    }
+
     /// [`takes`](Self::takes) for a token in the edge bucket.
     #[inline(always)]
     pub fn takes_in_edge(&self, i: usize, p: f32) -> bool {
@@ -566,11 +582,26 @@ pub(crate) mod tests {
         for k in [0, 1, 7, 2999, 3000] {
             cuts.push(top.cut_top_k_with(&p, &h, k));
         }
+        // the boundary at the top key, for a renumbering past it
+        cuts.push(Cut { edge: (BUCKETS - 1) as u16, key: u32::MAX, index: 10 });
         for cut in cuts {
             for (i, &x) in p.iter().enumerate() {
                 assert_eq!(cut.takes(i, h.buckets()[i], x), cut.takes_p(i, x), "{cut:?} token {i} p {x}");
             }
+            // renumbered from before, at and past the boundary token: the same answers
+            for first in [0, 1, 6, 7, 1000, cut.index() as usize, cut.index() as usize + 1, 2999, 3000] {
+                let r = cut.renumbered_from(first);
+                for (i, &x) in p.iter().enumerate().skip(first) {
+                    let want = cut.takes_p(i, x);
+                    assert_eq!(r.takes_p(i - first, x), want, "{cut:?} from {first}: token {i} p {x}");
+                    assert_eq!(r.takes(i - first, h.buckets()[i], x), want, "{cut:?} from {first} by bucket: token {i} p {x}");
+                }
+            }
         }
+        // the top key's tokens are all taken or none is
+        let top_key = Cut { edge: (BUCKETS - 1) as u16, key: u32::MAX, index: 10 };
+        assert!(top_key.renumbered_from(4).takes_p(6, f32::from_bits(0x7fff_ffff)));
+        assert_eq!(top_key.renumbered_from(11), Cut::NONE);
     }
 
     #[test]
