@@ -454,10 +454,11 @@ impl KeyStore {
         }
         let mut buf = vec![0f32; self.n_head_kv * self.dk];
         let mut codes_buf = vec![0u8; buf.len()];
-        // a prompt's worth of scalars to encode: compare with midpoints, not every centroid
-        // (not worth building for the token or two of a generation step)
+        // scalars: compare with midpoints, not every centroid; for a prompt's worth of them, or
+        // for a generation step's token or two where one book is all there is to transpose
+        // (one per channel costs more to build than it saves on a token)
         let cuts = match &self.coded {
-            Coded::Pq { dim: 1, books, .. } if exact.len() > 64 && (books.len() == 1 || books.len() == self.dk) => CutTable::new(books),
+            Coded::Pq { dim: 1, books, .. } if books.len() == 1 || (exact.len() > 64 && books.len() == self.dk) => CutTable::new(books),
             _ => None,
         };
         for c in exact {
