@@ -428,12 +428,8 @@ pub fn chunk_sums<'a>(
     let cut = |k: usize| cuts[k].renumbered_from(first);
     let cells = &cells[range];
     let level = level.usable();
-    let per = match dv {
-        64 => UNION_HEADS,
-        128 => 2,
-        _ => 0,
-    };
-    if (level >= Level::Avx512 && per > 0) || (level >= Level::Avx2 && union_avx2_fits(per.min(heads), dv)) {
+    let per = union_heads(level, dv);
+    if per > 0 {
         let mut k0 = 0;
         while k0 < heads {
             let k1 = (k0 + per).min(heads);
@@ -561,11 +557,11 @@ pub fn union_sum_range<'a>(
     #[cfg(target_arch = "x86_64")]
     {
         let level = level.usable();
-        if level >= Level::Avx512 && union_avx512_fits(heads, dv) {
+        if level >= Level::Avx512 && heads <= union_heads(Level::Avx512, dv) {
             // SAFETY: AVX-512 is present (`usable` checked it); lengths were checked above.
             return unsafe { union_sum_avx512(picks, cells, range, val, out, mass) };
         }
-        if level >= Level::Avx2 && union_avx2_fits(heads, dv) {
+        if level >= Level::Avx2 && heads <= union_heads(Level::Avx2, dv) {
             // SAFETY: AVX2, FMA and F16C are present (`usable` checked them); lengths were
             // checked above.
             return unsafe { union_sum_avx2(picks, cells, range, val, out, mass) };
@@ -593,18 +589,18 @@ pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::
     }
 }
 
-/// Whether [`union_sum_with`] has an AVX-512 kernel for this many heads and this dv.
-fn union_avx512_fits(heads: usize, dv: usize) -> bool {
-    matches!((heads, dv), (1..=4, 64) | (1..=2, 128))
-}
-
-/// Whether [`union_sum_with`] has an AVX2 kernel for this many heads and this dv.
-fn union_avx2_fits(heads: usize, dv: usize) -> bool {
-    matches!((heads, dv), (1..=UNION_HEADS, 64))
+/// Most heads the union kernel of `level` (the CPU's, lowered to what it has) sums in one
+/// pass for rows of `dv` values; 0 where the level has none for that dv.
+fn union_heads(level: Level, dv: usize) -> usize {
+    match (level.usable(), dv) {
+        (Level::Avx512 | Level::Avx2, 64) => UNION_HEADS,
+        (Level::Avx512, 128) => 2,
+        _ => 0,
+    }
 }
 
 /// [`union_sum_range`] for AVX2 and rows of 64 values, dispatched by the number of picks. The
-/// caller checked [`union_avx2_fits`] and the lengths.
+/// caller checked [`union_heads`] and the lengths.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn union_sum_avx2<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
@@ -694,7 +690,7 @@ unsafe fn union_sum_avx2_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u3
 }
 
 /// [`union_sum_range`] for AVX-512, dispatched to a kernel whose accumulators are all in
-/// registers. The caller checked [`union_avx512_fits`] and the lengths.
+/// registers. The caller checked [`union_heads`] and the lengths.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn union_sum_avx512<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
@@ -1027,11 +1023,7 @@ mod tests {
                     // where the level has a union kernel for this shape (or none at all),
                     // each head's sum is the one its own list gives at this level, bit for bit:
                     // the union only shares the reads
-                    let union_kernel = match level.usable() {
-                        Level::Portable => true,
-                        Level::Avx2 => union_avx2_fits(heads, dv),
-                        Level::Avx512 => union_avx512_fits(heads, dv),
-                    };
+                    let union_kernel = level.usable() == Level::Portable || heads <= union_heads(level, dv);
                     for (k, pk) in picks.iter().enumerate().filter(|_| union_kernel) {
                         let sel: Vec<u32> = (0..n).filter(|&j| pk.cut.takes_p(j, pk.p[j])).map(|j| j as u32).collect();
                         let mut alone = vec![0f32; dv];
