@@ -267,7 +267,12 @@ pub fn exact_block_with<'a>(
         // SAFETY: `usable` is never above what the CPU has.
         crate::simd::Level::Avx512 => return unsafe { exact_block_avx512(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
         crate::simd::Level::Avx2 => return unsafe { exact_block_avx2(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
-        crate::simd::Level::Portable => {}
+        crate::simd::Level::Portable | crate::simd::Level::Neon => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level.usable() == crate::simd::Level::Neon {
+        // SAFETY: the CPU has NEON (`usable` checked it).
+        return unsafe { exact_block_neon(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) };
     }
     let _ = level;
     exact_block_portable(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
@@ -316,7 +321,30 @@ unsafe fn exact_block_avx2<'a>(
     exact_block_lanes::<crate::simd::F32x8>(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
 }
 
+/// The vector block kernel at NEON: 4 rows a vector, up to 4 vectors a register block (32
+/// registers).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn exact_block_neon<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut BlockScratch,
+    out: impl FnMut(usize, &[f32]),
+) {
+    exact_block_lanes::<crate::simd::F32x4>(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
+}
+
 /// Keys per chunk of the vector block kernel.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const BLOCK_KEYS_LANES: usize = 32;
 
 /// The vector block kernel. It turns the block around: the block's query rows (its tokens
@@ -329,7 +357,7 @@ const BLOCK_KEYS_LANES: usize = 32;
 /// than the portable kernel's, so the results agree with it up to f32 rounding, not bit for
 /// bit. Inlined into the `#[target_feature]` wrappers above, which give `L`'s intrinsics
 /// their instruction set.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn exact_block_lanes<'a, L: crate::simd::Lanes>(
@@ -484,7 +512,7 @@ unsafe fn exact_block_lanes<'a, L: crate::simd::Lanes>(
 
 /// Logits of all the chunk's keys for the row vectors v0..v0+V: 4 keys by V vectors of
 /// accumulators, one query element loaded per vector and one key element broadcast per key.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 unsafe fn block_logits<L: crate::simd::Lanes, const V: usize>(s: &mut BlockScratch, dk: usize, rp: usize, v0: usize) {
     let w = L::WIDTH;
@@ -512,7 +540,7 @@ unsafe fn block_logits<L: crate::simd::Lanes, const V: usize>(s: &mut BlockScrat
 }
 
 /// Value sums of elements e0..e0+E for the row vectors v0..v0+V over the chunk's n keys.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 unsafe fn block_values<L: crate::simd::Lanes, const V: usize, const E: usize>(
     s: &mut BlockScratch,
@@ -809,7 +837,7 @@ mod tests {
             // every level the CPU has (and the default dispatch), one scratch reused across
             // levels to catch state left behind
             let mut scratch = BlockScratch::default();
-            for level in [None, Some(crate::simd::Level::Portable), Some(crate::simd::Level::Avx2), Some(crate::simd::Level::Avx512)] {
+            for level in std::iter::once(None).chain(crate::simd::Level::ALL.map(Some)) {
                 let mut got = vec![vec![]; t];
                 let (key, val) = (|c: u32| &keys[c as usize][..], |c: u32| &vals[c as usize][..]);
                 match level {

@@ -8,8 +8,8 @@
 //! A query's f32 tables (one 16-entry table per sub-vector) are quantized to u8 with one step
 //! per query head, so that a byte shuffle looks up 32 codes at once and u16 lanes sum them:
 //! score = bias + step * sum. The rounding error of a score is at most `gs * step / 2`, with
-//! step = (largest table range) / 255. [`sums_portable`] is the reference the SIMD version is
-//! tested against; both give the same integers.
+//! step = (largest table range) / 255. [`sums_portable`] is the reference the SIMD versions
+//! (AVX2, AVX-512, NEON) are tested against; all give the same integers.
 
 use crate::simd::Level;
 
@@ -73,6 +73,11 @@ pub fn sums_with(level: Level, codes: &[u8], tabs: &[u8], g: usize, gs: usize, o
             // SAFETY: AVX2 is present (`usable` checked it); the lengths are checked inside.
             return unsafe { sums_avx2(codes, tabs, g, gs, out) };
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level.usable() == Level::Neon {
+        // SAFETY: the CPU has NEON (`usable` checked it); the lengths are checked inside.
+        return unsafe { sums_neon(codes, tabs, g, gs, out) };
     }
     let _ = level;
     sums_portable(codes, tabs, g, gs, out)
@@ -192,6 +197,59 @@ unsafe fn sums_avx512_heads<const G: usize>(codes: *const u8, t: *const u8, gs: 
     }
 }
 
+/// NEON: `tbl` looks up the 16 cells of a sub-vector's low nibbles, then of its high ones, in
+/// one 16-byte table each; the bytes widen into u16 sums of 8 cells. Up to four query heads
+/// take each pass over the codes, so that their nibbles are split once (4 heads use 16 of the
+/// 32 vector registers for sums). Any `gs` up to [`MAX_SUBVECTORS`].
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn sums_neon(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS);
+    let mut h = 0;
+    while h < g {
+        let t = tabs.as_ptr().add(h * gs * 16);
+        let o = out.as_mut_ptr().add(h * BLOCK);
+        match g - h {
+            1 => sums_neon_heads::<1>(codes.as_ptr(), t, gs, o),
+            2 => sums_neon_heads::<2>(codes.as_ptr(), t, gs, o),
+            3 => sums_neon_heads::<3>(codes.as_ptr(), t, gs, o),
+            _ => sums_neon_heads::<4>(codes.as_ptr(), t, gs, o),
+        }
+        h += 4;
+    }
+}
+
+/// `G` heads of [`sums_neon`]: tables at `t` (`gs * 16` bytes a head), sums to `o` (`BLOCK` a
+/// head). The caller checked the lengths.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn sums_neon_heads<const G: usize>(codes: *const u8, t: *const u8, gs: usize, o: *mut u16) {
+    use std::arch::aarch64::*;
+    let nib = vdupq_n_u8(0x0f);
+    // per head: cells 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles)
+    let mut acc = [[vdupq_n_u16(0); 4]; G];
+    for i in 0..gs {
+        let c = vld1q_u8(codes.add(i * 16));
+        let lo = vandq_u8(c, nib);
+        let hi = vshrq_n_u8::<4>(c);
+        for (h, a) in acc.iter_mut().enumerate() {
+            let tab = vld1q_u8(t.add(h * gs * 16 + i * 16));
+            let rl = vqtbl1q_u8(tab, lo);
+            let rh = vqtbl1q_u8(tab, hi);
+            a[0] = vaddw_u8(a[0], vget_low_u8(rl));
+            a[1] = vaddw_high_u8(a[1], rl);
+            a[2] = vaddw_u8(a[2], vget_low_u8(rh));
+            a[3] = vaddw_high_u8(a[3], rh);
+        }
+    }
+    for (h, a) in acc.iter().enumerate() {
+        for (k, v) in a.iter().enumerate() {
+            vst1q_u16(o.add(h * BLOCK + k * 8), *v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,7 +264,7 @@ mod tests {
     #[test]
     fn simd_sums_equal_the_portable_ones() {
         let mut seed = 0x1234_5678_9abc_def1u64;
-        for (g, gs) in [(1, 2), (3, 64), (4, 32), (2, 128), (1, 256), (5, 4), (7, 12), (8, 64), (2, 6)] {
+        for (g, gs) in [(1, 2), (3, 64), (4, 32), (2, 128), (1, 256), (5, 4), (7, 12), (8, 64), (2, 6), (3, 5), (6, 1)] {
             let codes: Vec<u8> = (0..16 * gs).map(|_| rng(&mut seed) as u8).collect();
             let tabs: Vec<u8> = (0..g * gs * 16).map(|_| rng(&mut seed) as u8).collect();
             let mut a = vec![0u16; g * BLOCK];

@@ -67,7 +67,7 @@ impl Kernel {
     /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel.
     pub fn for_level(level: Level) -> Kernel {
         match level.usable() {
-            Level::Portable => Kernel::Portable,
+            Level::Portable | Level::Neon => Kernel::Portable,
             Level::Avx2 => Kernel::Avx2,
             Level::Avx512 if has_vbmi() => Kernel::Vbmi,
             Level::Avx512 => Kernel::Avx2,
@@ -431,6 +431,7 @@ pub fn sums(kernel: Kernel, codes: &[u8], stride: usize, nb: usize, tabs: &[u8],
         Kernel::Avx2 => return unsafe { sums_avx2(codes, stride, nb, tabs, g, gs, out) },
         Kernel::Portable => {}
     }
+    let _ = kernel;
     sums_portable(codes, stride, nb, tabs, g, gs, out)
 }
 
@@ -467,6 +468,7 @@ pub fn sums_portable(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usi
 /// a line of its own, and passing over all of a head's tables per 16 cells (128 KiB for 64
 /// sub-vectors) refilled them from L2: spans of 4 to 16 took about 10% off the kernel on Zen 3,
 /// the rest is the gathers themselves.
+#[cfg(target_arch = "x86_64")]
 const SPAN_AVX2: usize = 8;
 
 /// Four 4-cell gathers per sub-vector and 16 cells, each fetching an entry of up to eight byte
@@ -662,7 +664,7 @@ mod tests {
         assert_eq!(Kernel::for_level(Level::Portable), Kernel::Portable);
         for level in [Level::Avx2, Level::Avx512] {
             let want = match level.usable() {
-                Level::Portable => Kernel::Portable,
+                Level::Portable | Level::Neon => Kernel::Portable,
                 Level::Avx2 => Kernel::Avx2,
                 Level::Avx512 => if has_vbmi() { Kernel::Vbmi } else { Kernel::Avx2 },
             };

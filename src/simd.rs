@@ -1,7 +1,7 @@
 //! Which instruction set the CPU kernels use, chosen once per process.
 //!
 //! The best level the CPU has is detected at first use; the environment variable
-//! `HCATTN_SIMD` (`portable`, `avx2` or `avx512`) can only lower it, so that one binary can
+//! `HCATTN_SIMD` (`portable`, `neon`, `avx2` or `avx512`) can only lower it, so that one binary can
 //! compare its kernels end to end (and a user can avoid AVX-512 where it slows the clock).
 //! Each kernel also has a `*_with(level, ..)` form for tests and micro-benchmarks; asked for a
 //! level the CPU lacks, it runs the best one the CPU has below it.
@@ -13,6 +13,9 @@ use std::sync::OnceLock;
 pub enum Level {
     /// plain Rust, the reference every SIMD kernel is tested against
     Portable,
+    /// Arm's Advanced SIMD (aarch64 only; below the x86 levels in the order, which only says
+    /// that asking an x86 CPU for it gives the portable kernels, and an Arm CPU for AVX2 gives it)
+    Neon,
     /// AVX2 with FMA and F16C
     Avx2,
     /// AVX-512 F, BW and VL, on top of the AVX2 set
@@ -20,11 +23,12 @@ pub enum Level {
 }
 
 impl Level {
-    pub const ALL: [Level; 3] = [Level::Portable, Level::Avx2, Level::Avx512];
+    pub const ALL: [Level; 4] = [Level::Portable, Level::Neon, Level::Avx2, Level::Avx512];
 
     pub fn name(self) -> &'static str {
         match self {
             Level::Portable => "portable",
+            Level::Neon => "neon",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
         }
@@ -48,13 +52,22 @@ impl Level {
                     return Level::Avx2;
                 }
             }
+            #[cfg(target_arch = "aarch64")]
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return Level::Neon;
+            }
             Level::Portable
         })
     }
 
     /// `self`, or the best level below it that the CPU runs.
     pub fn usable(self) -> Level {
-        self.min(Level::detected())
+        let l = self.min(Level::detected());
+        // an x86 CPU has no Neon: the level below it is the portable one
+        if l == Level::Neon && Level::detected() != Level::Neon {
+            return Level::Portable;
+        }
+        l
     }
 }
 
@@ -68,7 +81,7 @@ pub fn level() -> Level {
             Ok(s) => match Level::parse(&s) {
                 Some(l) => l.usable(),
                 None => {
-                    eprintln!("hcattn: HCATTN_SIMD={s:?} is not one of portable, avx2, avx512; using {}", best.name());
+                    eprintln!("hcattn: HCATTN_SIMD={s:?} is not one of portable, neon, avx2, avx512; using {}", best.name());
                     best
                 }
             },
@@ -77,13 +90,13 @@ pub fn level() -> Level {
 }
 
 /// f32 vectors for kernels written once for several widths ([`F32x16`] for AVX-512,
-/// [`F32x8`] for AVX2). Each method is an intrinsic or two, always inlined: a kernel generic
+/// [`F32x8`] for AVX2, [`F32x4`] for NEON). Each method is an intrinsic or two, always inlined: a kernel generic
 /// over `Lanes` is itself inlined into a `#[target_feature]` function of the matching level.
 ///
 /// # Safety
-/// Every method needs a CPU with the type's level (AVX-512 F/BW/VL, or AVX2 with FMA);
+/// Every method needs a CPU with the type's level (AVX-512 F/BW/VL, AVX2 with FMA, or NEON);
 /// `load`, `store` and `visible_or` read or write WIDTH elements at their pointers.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::missing_safety_doc)] // the trait's section covers every method
 pub trait Lanes: Copy {
     /// f32 lanes in a vector
@@ -108,7 +121,7 @@ pub trait Lanes: Copy {
 }
 
 /// Constants of the exp polynomial shared by the vector versions (see `attention::exp`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const EXP_POLY: [f32; 6] = [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// 16 f32 lanes (AVX-512).
@@ -254,6 +267,81 @@ impl Lanes for F32x8 {
         F32x8(_mm256_blendv_ps(other.0, x.0, _mm256_castsi256_ps(vis)))
     }
 }
+/// 4 f32 lanes (NEON, which every aarch64 CPU has).
+#[cfg(target_arch = "aarch64")]
+#[derive(Clone, Copy)]
+pub struct F32x4(std::arch::aarch64::float32x4_t);
+
+#[cfg(target_arch = "aarch64")]
+impl Lanes for F32x4 {
+    const WIDTH: usize = 4;
+    // 32 registers, as AVX-512 has: 4 keys by 4 vectors of accumulators and their inputs fit
+    const BLOCK: usize = 4;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        F32x4(std::arch::aarch64::vdupq_n_f32(x))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        F32x4(std::arch::aarch64::vld1q_f32(p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: Self) {
+        std::arch::aarch64::vst1q_f32(p, x.0)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        F32x4(std::arch::aarch64::vaddq_f32(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        F32x4(std::arch::aarch64::vsubq_f32(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        F32x4(std::arch::aarch64::vmulq_f32(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        F32x4(std::arch::aarch64::vmaxq_f32(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        // vfmaq_f32(c, a, b) = c + a * b, one rounding
+        F32x4(std::arch::aarch64::vfmaq_f32(c.0, a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self) -> Self {
+        use std::arch::aarch64::*;
+        let x = vminq_f32(vmaxq_f32(x.0, vdupq_n_f32(-87.0)), vdupq_n_f32(88.0));
+        let n = vrndmq_f32(vfmaq_f32(vdupq_n_f32(0.5), x, vdupq_n_f32(std::f32::consts::LOG2_E)));
+        // r = x - n * ln2, in two parts; vfmsq_f32(a, b, c) = a - b * c
+        let r = vfmsq_f32(x, n, vdupq_n_f32(0.693_145_75));
+        let r = vfmsq_f32(r, n, vdupq_n_f32(1.428_606_8e-6));
+        let mut p = vdupq_n_f32(1.0 / 720.0);
+        for c in EXP_POLY {
+            p = vfmaq_f32(vdupq_n_f32(c), p, r);
+        }
+        // 2^n from the exponent bits: n is in [-126, 127] after the clamp
+        let two_n = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127))));
+        F32x4(vmulq_f32(p, two_n))
+    }
+    #[inline(always)]
+    unsafe fn neg_inf_to_zero(x: Self) -> Self {
+        use std::arch::aarch64::*;
+        let m = vceqq_f32(x.0, vdupq_n_f32(f32::NEG_INFINITY));
+        F32x4(vbslq_f32(m, vdupq_n_f32(0.0), x.0))
+    }
+    #[inline(always)]
+    unsafe fn visible_or(a: *const i32, b: *const i32, at: i32, x: Self, other: Self) -> Self {
+        use std::arch::aarch64::*;
+        let at = vdupq_n_s32(at);
+        // a <= at and at < b
+        let vis = vandq_u32(vcleq_s32(vld1q_s32(a), at), vcltq_s32(at, vld1q_s32(b)));
+        F32x4(vbslq_f32(vis, x.0, other.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,11 +356,24 @@ mod tests {
         assert_eq!(Level::parse(" AVX2 "), Some(Level::Avx2));
         assert_eq!(Level::parse("sse"), None);
         assert!(level() <= Level::detected());
+        // Neon is usable only where it is the detected level (Arm), never on x86
+        assert_eq!(Level::Neon.usable() == Level::Neon, Level::detected() == Level::Neon);
+        assert!(Level::Avx2.usable() != Level::Neon || Level::detected() == Level::Neon);
+    }
+
+    /// Every aarch64 Linux CPU has NEON (the ABI requires it), so the NEON kernels' tests, run
+    /// under qemu by `tests/neon/run.sh`, compare NEON with the portable code, not portable with
+    /// itself.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn aarch64_detects_neon() {
+        assert_eq!(Level::detected(), Level::Neon);
+        assert_eq!(Level::Avx512.usable(), Level::Neon);
     }
 
     /// Every lane of each width's exp against the scalar one (the same polynomial, so equal up
     /// to the FMA's rounding), -inf and the clamps included.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
     fn vector_exp_matches_the_scalar_one() {
         let mut xs: Vec<f32> = (0..4000).map(|i| -90.0 + i as f32 * 0.0447).collect();
@@ -294,11 +395,18 @@ mod tests {
                 assert!((y - want).abs() <= want * 1e-6, "exp({x}): {y} vs {want}");
             }
         }
-        if Level::detected() >= Level::Avx2 {
-            check::<F32x8>(&xs);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Level::detected() >= Level::Avx2 {
+                check::<F32x8>(&xs);
+            }
+            if Level::detected() >= Level::Avx512 {
+                check::<F32x16>(&xs);
+            }
         }
-        if Level::detected() >= Level::Avx512 {
-            check::<F32x16>(&xs);
+        #[cfg(target_arch = "aarch64")]
+        if Level::detected() == Level::Neon {
+            check::<F32x4>(&xs);
         }
     }
 }
