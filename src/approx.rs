@@ -677,6 +677,11 @@ pub fn union_sum_range<'a>(
             return unsafe { union_sum_avx2(picks, cells, range, val, out, mass) };
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if level.usable() == Level::Neon && heads <= union_heads(Level::Neon, out.len() / heads) {
+        // SAFETY: the CPU has NEON (`usable` checked it); lengths were checked above.
+        return unsafe { union_sum_neon(picks, cells, range, val, out, mass) };
+    }
     let _ = level;
     union_sum_portable(picks, cells, range, val, out, mass)
 }
@@ -702,7 +707,7 @@ pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::
 /// pass for rows of `dv` values; 0 where the level has none for that dv.
 fn union_heads(level: Level, dv: usize) -> usize {
     match (level.usable(), dv) {
-        (Level::Avx512 | Level::Avx2, 64) => UNION_HEADS,
+        (Level::Avx512 | Level::Avx2 | Level::Neon, 64) => UNION_HEADS,
         (Level::Avx512, 128) => 2,
         _ => 0,
     }
@@ -721,6 +726,39 @@ unsafe fn union_sum_avx2<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::o
     }
 }
 
+/// The tokens `from..to` (at most [`VALUE_CHUNK`]) that any of the `G` picks takes, in order,
+/// into `list`, each as (token - from) << 4 | the picks that take it (bit k for pick k);
+/// returns how many. `mask(p, i, cut)` gives the cut's bit mask of the 32 tokens from i (a
+/// SIMD [`take_mask32`]); a last run of fewer than 32 is tested a token at a time.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+fn union_list<const G: usize>(picks: &[Pick], from: usize, to: usize, mask: impl Fn(&[f32], usize, Cut) -> u32, list: &mut [u32; VALUE_CHUNK]) -> usize {
+    let mut listed = 0;
+    let mut i = from;
+    while i < to {
+        let mut take = [0u32; G];
+        for (t, pk) in take.iter_mut().zip(picks) {
+            if i + 32 <= to {
+                *t = mask(pk.p, i, pk.cut);
+            } else {
+                for j in i..to {
+                    *t |= (pk.cut.takes_p(j, pk.p[j]) as u32) << (j - i);
+                }
+            }
+        }
+        let mut union = take.iter().fold(0, |u, t| u | t);
+        while union != 0 {
+            let z = union.trailing_zeros();
+            union &= union - 1;
+            let by = take.iter().enumerate().fold(0, |b, (k, t)| b | ((t >> z) & 1) << k);
+            list[listed] = ((i - from + z as usize) as u32) << 4 | by;
+            listed += 1;
+        }
+        i += 32;
+    }
+    listed
+}
+
 /// `G` picks, rows of 64 values, [`VALUE_CHUNK`] tokens at a time: first the picks' cuts as
 /// bit masks ([`take_mask32_avx2`]) into one list of (token, the picks that take it), then
 /// each listed row read once, [`ROWS_AHEAD`] rows after its read was asked for, converted
@@ -736,34 +774,13 @@ unsafe fn union_sum_avx2_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u3
     assert!(picks.iter().all(|k| k.p.len() >= n));
     let mut acc = [[_mm256_setzero_ps(); L]; G];
     let mut m = [0f64; G];
-    // (token - window start) << 4 | the picks that take it, as bits
     let mut list = [0u32; VALUE_CHUNK];
     let mut from = range.start;
     while from < n {
         let to = (from + VALUE_CHUNK).min(n);
-        let mut listed = 0;
-        let mut i = from;
-        while i < to {
-            let mut take = [0u32; G];
-            for (t, pk) in take.iter_mut().zip(picks) {
-                if i + 32 <= to {
-                    *t = take_mask32_avx2(pk.p, i, pk.cut);
-                } else {
-                    for j in i..to {
-                        *t |= (pk.cut.takes_p(j, pk.p[j]) as u32) << (j - i);
-                    }
-                }
-            }
-            let mut union = take.iter().fold(0, |u, t| u | t);
-            while union != 0 {
-                let z = union.trailing_zeros();
-                union &= union - 1;
-                let by = take.iter().enumerate().fold(0, |b, (k, t)| b | ((t >> z) & 1) << k);
-                list[listed] = ((i - from + z as usize) as u32) << 4 | by;
-                listed += 1;
-            }
-            i += 32;
-        }
+        // SAFETY: the CPU has AVX2 (this function's features); `union_list` asks only for
+        // whole runs of 32 tokens inside the picks' probabilities.
+        let listed = union_list::<G>(picks, from, to, |p, i, cut| unsafe { take_mask32_avx2(p, i, cut) }, &mut list);
         let row_of = |e: u32| val(cells[from + (e >> 4) as usize].1);
         for x in 0..listed {
             if x + ROWS_AHEAD < listed {
@@ -796,6 +813,105 @@ unsafe fn union_sum_avx2_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u3
         }
     }
     mass.copy_from_slice(&m);
+}
+
+/// [`union_sum_range`] for NEON and rows of 64 values, dispatched by the number of picks. The
+/// caller checked [`union_heads`] and the lengths.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn union_sum_neon<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    match picks.len() {
+        1 => union_sum_neon_k::<1>(picks, cells, range, val, out, mass),
+        2 => union_sum_neon_k::<2>(picks, cells, range, val, out, mass),
+        3 => union_sum_neon_k::<3>(picks, cells, range, val, out, mass),
+        _ => union_sum_neon_k::<4>(picks, cells, range, val, out, mass),
+    }
+}
+
+/// The AVX2 union kernel ([`union_sum_avx2_k`]) in NEON: the same list of (token, picks), each
+/// listed row read once ([`ROWS_AHEAD`] rows after its read was asked for), converted once
+/// ([`f16x8_to_f32`]) and added into each pick that takes it, with the FMAs of
+/// [`weighted_sum_neon`] in the same order: the same bits as each pick's own sum.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn union_sum_neon_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    use std::arch::aarch64::*;
+    // vectors of 4 values in a row of 64
+    const L: usize = 16;
+    let n = range.end;
+    assert!(picks.len() == G && G <= 4 && out.len() == G * 4 * L && mass.len() == G && n <= cells.len());
+    assert!(picks.iter().all(|k| k.p.len() >= n));
+    let mut acc = [[vdupq_n_f32(0.0); L]; G];
+    let mut m = [0f64; G];
+    let mut list = [0u32; VALUE_CHUNK];
+    let mut from = range.start;
+    while from < n {
+        let to = (from + VALUE_CHUNK).min(n);
+        // SAFETY: the CPU has NEON (this function's feature); `union_list` asks only for whole
+        // runs of 32 tokens inside the picks' probabilities.
+        let listed = union_list::<G>(picks, from, to, |p, i, cut| unsafe { take_mask32_neon(p, i, cut) }, &mut list);
+        let row_of = |e: u32| val(cells[from + (e >> 4) as usize].1);
+        for x in 0..listed {
+            if x + ROWS_AHEAD < listed {
+                prefetch_row(row_of(list[x + ROWS_AHEAD]).as_ptr(), 4 * L * 2);
+            }
+            let (e, j) = (list[x], from + (list[x] >> 4) as usize);
+            let row = row_of(e);
+            assert!(row.len() >= 4 * L);
+            let mut v = [vdupq_n_f32(0.0); L];
+            for (l, pair) in v.chunks_exact_mut(2).enumerate() {
+                (pair[0], pair[1]) = f16x8_to_f32(row.as_ptr().add(l * 8));
+            }
+            for k in 0..G {
+                if (e >> k) & 1 != 0 {
+                    let pj = picks[k].p[j];
+                    m[k] += pj as f64;
+                    let w = vdupq_n_f32(pj);
+                    for (a, v) in acc[k].iter_mut().zip(&v) {
+                        *a = vfmaq_f32(*a, w, *v);
+                    }
+                }
+            }
+        }
+        from = to;
+    }
+    for (k, a) in acc.iter().enumerate() {
+        for (l, v) in a.iter().enumerate() {
+            vst1q_f32(out.as_mut_ptr().add((k * L + l) * 4), *v);
+        }
+    }
+    mass.copy_from_slice(&m);
+}
+
+/// [`take_mask32`] with NEON: 4 lanes a compare (unsigned compares, as AVX-512 has); the lanes'
+/// bits are gathered by weighting them 1, 2, 4, 8 and adding across the vector.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn take_mask32_neon(p: &[f32], at: usize, cut: Cut) -> u32 {
+    use std::arch::aarch64::*;
+    assert!(at + 32 <= p.len() && p.len() <= u32::MAX as usize);
+    if cut == Cut::NONE {
+        return 0;
+    }
+    let (ck, ci) = (vdupq_n_u32(cut.key()), vdupq_n_u32(cut.index()));
+    let top = vdupq_n_u32(0x8000_0000);
+    let weights: [u32; 4] = [1, 2, 4, 8];
+    let (bits, iota) = (vld1q_u32(weights.as_ptr()), vld1q_u32([0u32, 1, 2, 3].as_ptr()));
+    let mut take = 0u32;
+    for part in 0..8 {
+        let from = at + 4 * part;
+        let b = vreinterpretq_u32_f32(vld1q_f32(p.as_ptr().add(from)));
+        // the total_cmp key: the sign bit set on a positive value, every bit flipped on a
+        // negative one
+        let sign = vreinterpretq_u32_s32(vshrq_n_s32::<31>(vreinterpretq_s32_u32(b)));
+        let key = veorq_u32(b, vorrq_u32(sign, top));
+        let idx = vaddq_u32(vdupq_n_u32(from as u32), iota);
+        let above = vcgtq_u32(key, ck);
+        let tie = vandq_u32(vceqq_u32(key, ck), vcleq_u32(idx, ci));
+        take |= vaddvq_u32(vandq_u32(vorrq_u32(above, tie), bits)) << (4 * part);
+    }
+    take
 }
 
 /// [`union_sum_range`] for AVX-512, dispatched to a kernel whose accumulators are all in
