@@ -4,7 +4,8 @@
 //!
 //! Environment:
 //! - `HCATTN_LLAMA_SRC`: use this pristine llama.cpp tree instead of vendor/llama.cpp.
-//! - `HCATTN_LLAMA_NATIVE=0`: build llama.cpp for a portable x86-64-v3 instead of this CPU.
+//! - `HCATTN_LLAMA_NATIVE=0`: build llama.cpp for a portable target instead of this CPU
+//!   (x86-64-v3 on x86, the compiler's default on Arm).
 //! - `HCATTN_CUDA_ARCHS`: CUDA architectures with the `cuda` feature (default 90).
 //! - `HCATTN_BUILD_JOBS`: parallel compile jobs (default: what cargo gives the script).
 
