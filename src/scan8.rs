@@ -14,8 +14,9 @@
 //!
 //! Each table has [`TABLE`] entries whatever the codebook size (the rest is padding), so that a
 //! code indexes it directly. Where the byte tables lie depends on the kernel that reads them
-//! ([`Kernel::at`]): one after another for the portable and AVX-512 VBMI kernels (a
-//! sub-vector's table is four 64-byte registers), eight interleaved per entry for the AVX2 one
+//! ([`Kernel::at`]): one after another for the portable, AVX-512 VBMI and NEON kernels (a
+//! sub-vector's table is four 64-byte registers, or sixteen of 16 bytes), eight interleaved per
+//! entry for the AVX2 one
 //! (one 64-bit gather fetches both bytes of four query heads). Every kernel gives the same
 //! integers as [`sums_portable`], the reference.
 
@@ -60,6 +61,8 @@ pub enum Kernel {
     Avx2,
     /// two-register byte permutes (`vpermi2b`), 64 cells per lookup
     Vbmi,
+    /// four-register table lookups (`tbl`), 16 cells per lookup (Arm)
+    Neon,
 }
 
 impl Kernel {
@@ -67,7 +70,8 @@ impl Kernel {
     /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel.
     pub fn for_level(level: Level) -> Kernel {
         match level.usable() {
-            Level::Portable | Level::Neon => Kernel::Portable,
+            Level::Portable => Kernel::Portable,
+            Level::Neon => Kernel::Neon,
             Level::Avx2 => Kernel::Avx2,
             Level::Avx512 if has_vbmi() => Kernel::Vbmi,
             Level::Avx512 => Kernel::Avx2,
@@ -118,9 +122,9 @@ pub fn quantize_tables(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize,
     bias.clear();
     step.clear();
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Portable {
-        // SAFETY: a SIMD kernel comes only from `Kernel::for_level`, which checked that the
-        // CPU has AVX2 at least.
+    if matches!(kernel, Kernel::Avx2 | Kernel::Vbmi) {
+        // SAFETY: an x86 SIMD kernel comes only from `Kernel::for_level`, which checked that
+        // the CPU has AVX2 at least.
         return unsafe { tables_avx2(kernel, t, m, g, gs, out, bias, step) };
     }
     tables_lanes(kernel, t, m, g, gs, out, bias, step, min_max)
@@ -156,7 +160,7 @@ pub fn quantize_products(
     bias.clear();
     step.clear();
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Portable {
+    if matches!(kernel, Kernel::Avx2 | Kernel::Vbmi) {
         // SAFETY: as in `quantize_tables`.
         return unsafe { products_avx2(kernel, q, g, gs, books, book, out, bias, step) };
     }
@@ -429,7 +433,13 @@ pub fn sums(kernel: Kernel, codes: &[u8], stride: usize, nb: usize, tabs: &[u8],
         // that the CPU has its features; the lengths are checked inside.
         Kernel::Vbmi => return unsafe { sums_vbmi(codes, stride, nb, tabs, g, gs, out) },
         Kernel::Avx2 => return unsafe { sums_avx2(codes, stride, nb, tabs, g, gs, out) },
-        Kernel::Portable => {}
+        Kernel::Portable | Kernel::Neon => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if kernel == Kernel::Neon {
+        // SAFETY: a Neon kernel comes only from `Kernel::for_level`, which checked that the CPU
+        // has NEON; the lengths are checked inside.
+        return unsafe { sums_neon(codes, stride, nb, tabs, g, gs, out) };
     }
     let _ = kernel;
     sums_portable(codes, stride, nb, tabs, g, gs, out)
@@ -599,6 +609,67 @@ unsafe fn sums_vbmi_blocks<const B: usize>(codes: *const u8, stride: usize, t: *
     }
 }
 
+/// NEON: a 256-entry byte table is sixteen 16-byte registers, four `tbl` lookups of 64
+/// entries each; a lookup gives 0 for an index past its 64, so the code less 0, 64, 128 and
+/// 192 (wrapping) finds its entry in exactly one of the four, and the results are ORed. A
+/// sub-vector's table is loaded once for the run's blocks; each 16 cells widen into two u16
+/// sums of 8.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sums_neon(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    check(codes, stride, nb, tabs, g * gs * TABLE, g, gs, out);
+    for k in 0..g {
+        let t = tabs.as_ptr().add(k * gs * TABLE);
+        let o = out.as_mut_ptr().add(k * nb * BLOCK);
+        let c = codes.as_ptr();
+        match nb {
+            1 => sums_neon_blocks::<1>(c, stride, t, gs, o),
+            2 => sums_neon_blocks::<2>(c, stride, t, gs, o),
+            3 => sums_neon_blocks::<3>(c, stride, t, gs, o),
+            _ => sums_neon_blocks::<4>(c, stride, t, gs, o),
+        }
+    }
+}
+
+/// `B` blocks of one byte table for [`sums_neon`]: codes of block b at `codes + b * stride`,
+/// tables at `t` (`gs * 256` bytes), sums to `o` (`BLOCK` a block). The caller checked the
+/// lengths.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn sums_neon_blocks<const B: usize>(codes: *const u8, stride: usize, t: *const u8, gs: usize, o: *mut u16) {
+    use std::arch::aarch64::*;
+    // per block, 16 cells at a time: cells 0-7 and 8-15 of each
+    let mut acc = [[[vdupq_n_u16(0); 2]; BLOCK / 16]; B];
+    let quarter = vdupq_n_u8(64);
+    for i in 0..gs {
+        let tb = t.add(i * TABLE);
+        let tabs = [vld1q_u8_x4(tb), vld1q_u8_x4(tb.add(64)), vld1q_u8_x4(tb.add(128)), vld1q_u8_x4(tb.add(192))];
+        for (b, acc) in acc.iter_mut().enumerate() {
+            let cb = codes.add(b * stride + i * BLOCK);
+            for (q, a) in acc.iter_mut().enumerate() {
+                let c0 = vld1q_u8(cb.add(q * 16));
+                let c1 = vsubq_u8(c0, quarter);
+                let c2 = vsubq_u8(c1, quarter);
+                let c3 = vsubq_u8(c2, quarter);
+                let r = vorrq_u8(
+                    vorrq_u8(vqtbl4q_u8(tabs[0], c0), vqtbl4q_u8(tabs[1], c1)),
+                    vorrq_u8(vqtbl4q_u8(tabs[2], c2), vqtbl4q_u8(tabs[3], c3)),
+                );
+                a[0] = vaddw_u8(a[0], vget_low_u8(r));
+                a[1] = vaddw_high_u8(a[1], r);
+            }
+        }
+    }
+    for (b, acc) in acc.iter().enumerate() {
+        for (q, a) in acc.iter().enumerate() {
+            vst1q_u16(o.add(b * BLOCK + q * 16), a[0]);
+            vst1q_u16(o.add(b * BLOCK + q * 16 + 8), a[1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,9 +733,10 @@ mod tests {
     #[test]
     fn every_level_has_its_kernel() {
         assert_eq!(Kernel::for_level(Level::Portable), Kernel::Portable);
-        for level in [Level::Avx2, Level::Avx512] {
+        for level in [Level::Neon, Level::Avx2, Level::Avx512] {
             let want = match level.usable() {
-                Level::Portable | Level::Neon => Kernel::Portable,
+                Level::Portable => Kernel::Portable,
+                Level::Neon => Kernel::Neon,
                 Level::Avx2 => Kernel::Avx2,
                 Level::Avx512 => if has_vbmi() { Kernel::Vbmi } else { Kernel::Avx2 },
             };
