@@ -1,8 +1,8 @@
 //! Which instruction set the CPU kernels use, chosen once per process.
 //!
 //! The best level the CPU has is detected at first use; the environment variable
-//! `HCATTN_SIMD` (`portable`, `neon`, `avx2` or `avx512`) can only lower it, so that one binary can
-//! compare its kernels end to end (and a user can avoid AVX-512 where it slows the clock).
+//! `HCATTN_SIMD` (`portable`, `neon`, `avx2` or `avx512`) can only lower it, so that one binary
+//! can compare its kernels end to end (and a user can avoid AVX-512 where it slows the clock).
 //! Each kernel also has a `*_with(level, ..)` form for tests and micro-benchmarks; asked for a
 //! level the CPU lacks, it runs the best one the CPU has below it.
 
@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 pub enum Level {
     /// plain Rust, the reference every SIMD kernel is tested against
     Portable,
-    /// Arm's Advanced SIMD (aarch64 only; below the x86 levels in the order, which only says
-    /// that asking an x86 CPU for it gives the portable kernels, and an Arm CPU for AVX2 gives it)
+    /// Arm's Advanced SIMD (aarch64 only). It sits below the x86 levels in the order only so
+    /// that asking an x86 CPU for it gives the portable kernels, and an Arm CPU for AVX2 gives
+    /// it.
     Neon,
     /// AVX2 with FMA and F16C
     Avx2,
@@ -90,8 +91,9 @@ pub fn level() -> Level {
 }
 
 /// f32 vectors for kernels written once for several widths ([`F32x16`] for AVX-512,
-/// [`F32x8`] for AVX2, [`F32x4`] for NEON). Each method is an intrinsic or two, always inlined: a kernel generic
-/// over `Lanes` is itself inlined into a `#[target_feature]` function of the matching level.
+/// [`F32x8`] for AVX2, [`F32x4`] for NEON). Each method is an intrinsic or two, always
+/// inlined: a kernel generic over `Lanes` is itself inlined into a `#[target_feature]` function
+/// of the matching level.
 ///
 /// # Safety
 /// Every method needs a CPU with the type's level (AVX-512 F/BW/VL, AVX2 with FMA, or NEON);
@@ -267,6 +269,7 @@ impl Lanes for F32x8 {
         F32x8(_mm256_blendv_ps(other.0, x.0, _mm256_castsi256_ps(vis)))
     }
 }
+
 /// 4 f32 lanes (NEON, which every aarch64 CPU has).
 #[cfg(target_arch = "aarch64")]
 #[derive(Clone, Copy)]
