@@ -278,42 +278,36 @@ fn add_row(pj: f32, v: &[f16], out: &mut [f32], buf: &mut [f32; ROW_PIECE]) {
 const ROWS_AHEAD: usize = 16;
 
 /// Ask for the cache lines of a row of `bytes` bytes from `at`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_row(at: *const f16, bytes: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let at = at as *const i8;
-    // SAFETY: a prefetch is a hint and never faults; the addresses stay inside the row (or one
-    // past it for an empty one, which is not dereferenced either).
-    unsafe {
-        let mut b = 0;
-        while b < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(b));
-            b += 64;
-        }
-        // the last line of a row that does not start on a line
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes.saturating_sub(1)));
-    }
-}
-
-/// Ask for the cache lines of a row of `bytes` bytes from `at` (Arm: `prfm`, whose intrinsic
-/// is not stable in Rust).
-#[cfg(target_arch = "aarch64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 fn prefetch_row(at: *const f16, bytes: usize) {
     let at = at as *const u8;
-    let line = |p: *const u8| {
-        // SAFETY: a prefetch is a hint and never faults; it reads and writes no register
-        // but its address.
-        unsafe { std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly)) }
-    };
     let mut b = 0;
     while b < bytes {
-        line(at.wrapping_add(b));
+        prefetch_line(at.wrapping_add(b));
         b += 64;
     }
     // the last line of a row that does not start on a line
-    line(at.wrapping_add(bytes.saturating_sub(1)));
+    prefetch_line(at.wrapping_add(bytes.saturating_sub(1)));
+}
+
+/// Ask for the cache line that holds `p`. A prefetch is a hint and never faults; the rows'
+/// addresses stay inside the row (or one past it for an empty one, which is not dereferenced
+/// either).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: see above; SSE, which every x86-64 CPU has.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+}
+
+/// [`prefetch_line`] for Arm: `prfm`, whose intrinsic is not stable in Rust.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: see the x86 version; it reads and writes no register but its address.
+    unsafe { std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly)) }
 }
 
 /// Eight f16 values at `p` as two vectors of four f32. FCVTL and FCVTL2 (half to single) are
