@@ -17,6 +17,8 @@ use crate::keys::{KeyStore, Prep};
 use crate::levels::{softmax_in_chunks, ChunkScratch, CountScratch, HeadLevels};
 use crate::select::{layer_k, Cut, Histogram, TopP};
 use crate::simd::Level;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::f16x8_to_f32_sse41;
 
 /// Settings of the approximate path.
 #[derive(Debug, Clone, Copy)]
@@ -136,7 +138,7 @@ pub fn softmax_with(level: Level, l: &mut [f32], sink: Option<f32>) {
         // SAFETY: `usable` checked that the CPU has the level's features.
         Level::Avx512 => return unsafe { softmax_avx512(l, sink) },
         Level::Avx2 => return unsafe { softmax_avx2(l, sink) },
-        Level::Portable | Level::Neon => {}
+        Level::Portable | Level::Neon | Level::Sse41 => {}
     }
     let _ = level;
     softmax_lanes::<8>(l, sink)
@@ -224,6 +226,10 @@ pub fn weighted_sum_with<'a>(
         if level >= Level::Avx2 && dv.is_multiple_of(8) && dv <= 256 {
             // SAFETY: AVX2, FMA and F16C are present (`usable` checked them).
             return unsafe { weighted_sum_avx2(p, sel, w, cells, val, out) };
+        }
+        if level >= Level::Sse41 && dv.is_multiple_of(8) && dv <= 256 {
+            // SAFETY: SSE4.1 is present (`usable` checked it); dv fits the accumulators.
+            return unsafe { weighted_sum_sse41(p, sel, w, cells, val, out) };
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -434,6 +440,46 @@ unsafe fn weighted_sum_avx512<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32,
     }
 }
 
+/// SSE4.1: eight values a step (one 16-byte load, the conversion above, a multiply and an add
+/// per four: the portable sum's operations in its order, so its bits); rows read ahead as in
+/// the AVX2 kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+unsafe fn weighted_sum_sse41<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32]) {
+    match out.len() {
+        64 => weighted_sum_sse41_lanes::<8>(p, sel, w, cells, val, out, 8),
+        dv => weighted_sum_sse41_lanes::<32>(p, sel, w, cells, val, out, dv / 8),
+    }
+}
+
+/// [`weighted_sum_sse41`] with `pairs` (at most L) pairs of 4-value vectors a row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_sum_sse41_lanes<'a, const L: usize>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32], pairs: usize) {
+    use std::arch::x86_64::*;
+    assert!(pairs <= L && out.len() == pairs * 8);
+    let mut acc = [[_mm_setzero_ps(); 2]; L];
+    for (i, &j) in sel.iter().enumerate() {
+        if let Some(&ahead) = sel.get(i + ROWS_AHEAD) {
+            prefetch_row(val(cells[ahead as usize].1).as_ptr(), pairs * 16);
+        }
+        let pj = _mm_set1_ps(p[j as usize] * w);
+        let row = val(cells[j as usize].1);
+        assert!(row.len() >= pairs * 8);
+        for (l, a) in acc.iter_mut().enumerate().take(pairs) {
+            let (lo, hi) = f16x8_to_f32_sse41(row.as_ptr().add(l * 8));
+            a[0] = _mm_add_ps(_mm_mul_ps(pj, lo), a[0]);
+            a[1] = _mm_add_ps(_mm_mul_ps(pj, hi), a[1]);
+        }
+    }
+    for (l, a) in acc.iter().enumerate().take(pairs) {
+        _mm_storeu_ps(out.as_mut_ptr().add(l * 8), a[0]);
+        _mm_storeu_ps(out.as_mut_ptr().add(l * 8 + 4), a[1]);
+    }
+}
+
 /// The selection of one head and its value sum in one pass: the top-p set (`k_layer` None), or
 /// the top `k_layer` tokens. `h` is the histogram of `p`. Writes dv outputs. The reference that
 /// the decode's chunked sums ([`value_sums`]) and the GPU tier's are tested against.
@@ -555,7 +601,7 @@ pub fn chunk_sums<'a>(
 }
 
 /// The tokens in `range` that `cut` takes, in order, into `sel`: 32 at a time as a bit mask
-/// with AVX2 or AVX-512, then one index per set bit.
+/// with SSE4.1, AVX2 or AVX-512, then one index per set bit.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
 fn collect_cut(level: Level, p: &[f32], cut: Cut, range: std::ops::Range<usize>, sel: &mut Vec<u32>) {
     assert!(range.end <= p.len());
@@ -565,13 +611,15 @@ fn collect_cut(level: Level, p: &[f32], cut: Cut, range: std::ops::Range<usize>,
     #[cfg(target_arch = "x86_64")]
     {
         let level = level.usable();
-        while level >= Level::Avx2 && j + 32 <= range.end {
+        while level >= Level::Sse41 && j + 32 <= range.end {
             // SAFETY: the CPU has the level's features (`usable`); j + 32 <= p.len().
             let mut m = unsafe {
                 if level >= Level::Avx512 {
                     take_mask32(p, j, cut)
-                } else {
+                } else if level >= Level::Avx2 {
                     take_mask32_avx2(p, j, cut)
+                } else {
+                    take_mask32_sse41(p, j, cut)
                 }
             };
             while m != 0 {
@@ -670,6 +718,10 @@ pub fn union_sum_range<'a>(
             // checked above.
             return unsafe { union_sum_avx2(picks, cells, range, val, out, mass) };
         }
+        if level >= Level::Sse41 && heads <= union_heads(Level::Sse41, dv) {
+            // SAFETY: SSE4.1 is present (`usable` checked it); lengths were checked above.
+            return unsafe { union_sum_sse41(picks, cells, range, val, out, mass) };
+        }
     }
     #[cfg(target_arch = "aarch64")]
     if level.usable() == Level::Neon && heads <= union_heads(Level::Neon, out.len() / heads) {
@@ -701,7 +753,7 @@ pub fn union_sum_portable<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::
 /// pass for rows of `dv` values; 0 where the level has none for that dv.
 fn union_heads(level: Level, dv: usize) -> usize {
     match (level.usable(), dv) {
-        (Level::Avx512 | Level::Avx2 | Level::Neon, 64) => UNION_HEADS,
+        (Level::Avx512 | Level::Avx2 | Level::Sse41 | Level::Neon, 64) => UNION_HEADS,
         (Level::Avx512, 128) => 2,
         _ => 0,
     }
@@ -807,6 +859,102 @@ unsafe fn union_sum_avx2_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u3
         }
     }
     mass.copy_from_slice(&m);
+}
+
+/// [`union_sum_range`] for SSE4.1 and rows of 64 values, dispatched by the number of picks.
+/// The caller checked [`union_heads`] and the lengths.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+unsafe fn union_sum_sse41<'a>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    match picks.len() {
+        1 => union_sum_sse41_k::<1>(picks, cells, range, val, out, mass),
+        2 => union_sum_sse41_k::<2>(picks, cells, range, val, out, mass),
+        3 => union_sum_sse41_k::<3>(picks, cells, range, val, out, mass),
+        _ => union_sum_sse41_k::<4>(picks, cells, range, val, out, mass),
+    }
+}
+
+/// The AVX2 union kernel ([`union_sum_avx2_k`]) in SSE4.1: the same list of (token, picks),
+/// each listed row read once ([`ROWS_AHEAD`] rows after its read was asked for), converted once
+/// ([`f16x8_to_f32_sse41`]) and added into each pick that takes it, with the multiplies and
+/// adds of [`weighted_sum_sse41`] in the same order: the same bits as each pick's own sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+unsafe fn union_sum_sse41_k<'a, const G: usize>(picks: &[Pick], cells: &[(i32, u32)], range: std::ops::Range<usize>, val: impl Fn(u32) -> &'a [f16], out: &mut [f32], mass: &mut [f64]) {
+    use std::arch::x86_64::*;
+    // vectors of 4 values in a row of 64
+    const L: usize = 16;
+    let n = range.end;
+    assert!(picks.len() == G && G <= 4 && out.len() == G * 4 * L && mass.len() == G && n <= cells.len());
+    assert!(picks.iter().all(|k| k.p.len() >= n));
+    let mut acc = [[_mm_setzero_ps(); L]; G];
+    let mut m = [0f64; G];
+    let mut list = [0u32; VALUE_CHUNK];
+    let mut from = range.start;
+    while from < n {
+        let to = (from + VALUE_CHUNK).min(n);
+        // SAFETY: the CPU has SSE4.1 (this function's features); `union_list` asks only for
+        // whole runs of 32 tokens inside the picks' probabilities.
+        let listed = union_list::<G>(picks, from, to, |p, i, cut| unsafe { take_mask32_sse41(p, i, cut) }, &mut list);
+        let row_of = |e: u32| val(cells[from + (e >> 4) as usize].1);
+        for x in 0..listed {
+            if x + ROWS_AHEAD < listed {
+                prefetch_row(row_of(list[x + ROWS_AHEAD]).as_ptr(), 4 * L * 2);
+            }
+            let (e, j) = (list[x], from + (list[x] >> 4) as usize);
+            let row = row_of(e);
+            assert!(row.len() >= 4 * L);
+            let mut v = [_mm_setzero_ps(); L];
+            for (l, pair) in v.chunks_exact_mut(2).enumerate() {
+                (pair[0], pair[1]) = f16x8_to_f32_sse41(row.as_ptr().add(l * 8));
+            }
+            for k in 0..G {
+                if (e >> k) & 1 != 0 {
+                    let pj = picks[k].p[j];
+                    m[k] += pj as f64;
+                    let w = _mm_set1_ps(pj);
+                    for (a, v) in acc[k].iter_mut().zip(&v) {
+                        *a = _mm_add_ps(_mm_mul_ps(w, *v), *a);
+                    }
+                }
+            }
+        }
+        from = to;
+    }
+    for (k, a) in acc.iter().enumerate() {
+        for (l, v) in a.iter().enumerate() {
+            _mm_storeu_ps(out.as_mut_ptr().add((k * L + l) * 4), *v);
+        }
+    }
+    mass.copy_from_slice(&m);
+}
+
+/// [`take_mask32_avx2`] with SSE4.1: 4 lanes a compare, signed compares on keys and indices
+/// with their top bit flipped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+#[inline]
+unsafe fn take_mask32_sse41(p: &[f32], at: usize, cut: Cut) -> u32 {
+    use std::arch::x86_64::*;
+    assert!(at + 32 <= p.len() && p.len() <= i32::MAX as usize);
+    if cut == Cut::NONE {
+        return 0;
+    }
+    let top = _mm_set1_epi32(i32::MIN);
+    let (ck, ci) = (_mm_set1_epi32((cut.key() ^ 0x8000_0000) as i32), _mm_set1_epi32((cut.index() ^ 0x8000_0000) as i32));
+    let iota = _mm_setr_epi32(0, 1, 2, 3);
+    let mut take = 0u32;
+    for part in 0..8 {
+        let from = at + 4 * part;
+        let b = _mm_loadu_si128(p.as_ptr().add(from) as *const __m128i);
+        // the total_cmp key, top bit flipped (see `take_mask32_avx2`)
+        let key = _mm_xor_si128(b, _mm_srli_epi32(_mm_srai_epi32(b, 31), 1));
+        let idx = _mm_xor_si128(_mm_add_epi32(_mm_set1_epi32(from as i32), iota), top);
+        let above = _mm_cmpgt_epi32(key, ck);
+        let tie = _mm_andnot_si128(_mm_cmpgt_epi32(idx, ci), _mm_cmpeq_epi32(key, ck));
+        take |= (_mm_movemask_ps(_mm_castsi128_ps(_mm_or_si128(above, tie))) as u32) << (4 * part);
+    }
+    take
 }
 
 /// [`union_sum_range`] for NEON and rows of 64 values, dispatched by the number of picks. The

@@ -267,6 +267,7 @@ pub fn exact_block_with<'a>(
         // SAFETY: `usable` is never above what the CPU has.
         crate::simd::Level::Avx512 => return unsafe { exact_block_avx512(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
         crate::simd::Level::Avx2 => return unsafe { exact_block_avx2(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
+        crate::simd::Level::Sse41 => return unsafe { exact_block_sse41(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out) },
         crate::simd::Level::Portable | crate::simd::Level::Neon => {}
     }
     #[cfg(target_arch = "aarch64")]
@@ -319,6 +320,28 @@ unsafe fn exact_block_avx2<'a>(
     out: impl FnMut(usize, &[f32]),
 ) {
     exact_block_lanes::<crate::simd::F32x8>(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
+}
+
+/// The vector block kernel at SSE4.1: 4 rows a vector, up to 2 vectors a register block (16
+/// registers), a multiply and an add where the others have an FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn exact_block_sse41<'a>(
+    q: &[f32],
+    g: usize,
+    dk: usize,
+    dv: usize,
+    cells: &[(i32, u32)],
+    ranges: &[(usize, usize)],
+    key: impl Fn(u32) -> &'a [f16],
+    val: impl Fn(u32) -> &'a [f16],
+    scale: Scale,
+    sinks: Option<&[f32]>,
+    scratch: &mut BlockScratch,
+    out: impl FnMut(usize, &[f32]),
+) {
+    exact_block_lanes::<crate::simd::F32x4>(q, g, dk, dv, cells, ranges, key, val, scale, sinks, scratch, out)
 }
 
 /// The vector block kernel at NEON: 4 rows a vector, up to 4 vectors a register block (32
@@ -416,8 +439,8 @@ unsafe fn exact_block_lanes<'a, L: crate::simd::Lanes>(
         let c1 = (c0 + KB).min(hi);
         let n = c1 - c0;
         for (j, &(_, c)) in cells[c0..c1].iter().enumerate() {
-            key(c)[..dk].convert_to_f32_slice(&mut s.k[j * dk..(j + 1) * dk]);
-            val(c)[..dv].convert_to_f32_slice(&mut s.v[j * dv..(j + 1) * dv]);
+            L::f16_to_f32(&key(c)[..dk], &mut s.k[j * dk..(j + 1) * dk]);
+            L::f16_to_f32(&val(c)[..dv], &mut s.v[j * dv..(j + 1) * dv]);
         }
         // a short last chunk: zero keys give finite logits, which the ranges then hide
         s.k[n * dk..].iter_mut().for_each(|x| *x = 0.0);

@@ -57,7 +57,7 @@ pub fn count_chunk(level: Level, lv: &[u16], first: usize, pairs: &mut [u64], ex
         // SAFETY: `usable` is never above what the CPU has.
         Level::Avx512 => return unsafe { count_avx512(lv, first, pairs, exact, s) },
         Level::Avx2 => return unsafe { count_avx2(lv, first, pairs, exact, s) },
-        Level::Portable | Level::Neon => {}
+        Level::Portable | Level::Neon | Level::Sse41 => {}
     }
     let _ = level;
     count_body(lv, first, pairs, exact, s)
@@ -214,7 +214,7 @@ impl HeadLevels {
             // SAFETY: `usable` is never above what the CPU has.
             Level::Avx512 => return unsafe { self.softmax_avx512(bias, step, scale, sink) },
             Level::Avx2 => return unsafe { self.softmax_avx2(bias, step, scale, sink) },
-            Level::Portable | Level::Neon => {}
+            Level::Portable | Level::Neon | Level::Sse41 => {}
         }
         let _ = level;
         self.softmax_body(bias, step, scale, sink)

@@ -9,7 +9,7 @@
 //! per query head, so that a byte shuffle looks up 32 codes at once and u16 lanes sum them:
 //! score = bias + step * sum. The rounding error of a score is at most `gs * step / 2`, with
 //! step = (largest table range) / 255. [`sums_portable`] is the reference the SIMD versions
-//! (AVX2, AVX-512, NEON) are tested against; all give the same integers.
+//! (SSE4.1, AVX2, AVX-512, NEON) are tested against; all give the same integers.
 
 use crate::simd::Level;
 
@@ -72,6 +72,11 @@ pub fn sums_with(level: Level, codes: &[u8], tabs: &[u8], g: usize, gs: usize, o
         if level >= Level::Avx2 && gs.is_multiple_of(2) {
             // SAFETY: AVX2 is present (`usable` checked it); the lengths are checked inside.
             return unsafe { sums_avx2(codes, tabs, g, gs, out) };
+        }
+        if level >= Level::Sse41 {
+            // SAFETY: SSSE3 and SSE4.1 are present (`usable` checked them); the lengths are
+            // checked inside.
+            return unsafe { sums_sse41(codes, tabs, g, gs, out) };
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -189,6 +194,70 @@ unsafe fn sums_avx512_heads<const G: usize>(codes: *const u8, t: *const u8, gs: 
         let (w0, s1, w2, s3) = (fold(a[0]), fold(a[1]), fold(a[2]), fold(a[3]));
         let s0 = _mm_sub_epi16(w0, _mm_slli_epi16(s1, 8));
         let s2 = _mm_sub_epi16(w2, _mm_slli_epi16(s3, 8));
+        let o = o.add(h * BLOCK) as *mut __m128i;
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(s0, s1));
+        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(s0, s1));
+        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(s2, s3));
+        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(s2, s3));
+    }
+}
+
+/// SSSE3/SSE4.1: `pshufb` looks up the 16 cells of a sub-vector's low nibbles, then of its high
+/// ones, in one 16-byte table each. Sums as in [`sums_avx512_heads`]: each lookup added whole as
+/// u16 lanes and its high bytes on their own, the low bytes' sums recovered at the end. Up to
+/// [`SSE_HEADS`] query heads a pass over the codes, so that their nibbles are split once. Any
+/// `gs` up to [`MAX_SUBVECTORS`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+unsafe fn sums_sse41(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    assert!(codes.len() >= 16 * gs && tabs.len() >= g * gs * 16 && out.len() >= g * BLOCK && gs <= MAX_SUBVECTORS);
+    let mut h = 0;
+    while h < g {
+        let t = tabs.as_ptr().add(h * gs * 16);
+        let o = out.as_mut_ptr().add(h * BLOCK);
+        match g - h {
+            1 => sums_sse41_heads::<1>(codes.as_ptr(), t, gs, o),
+            2 => sums_sse41_heads::<2>(codes.as_ptr(), t, gs, o),
+            _ => sums_sse41_heads::<SSE_HEADS>(codes.as_ptr(), t, gs, o),
+        }
+        h += SSE_HEADS;
+    }
+}
+
+/// Query heads a pass of [`sums_sse41`]: 4 sums a head, which with the codes, nibbles and a
+/// table fill the 16 registers at 3.
+#[cfg(target_arch = "x86_64")]
+const SSE_HEADS: usize = 3;
+
+/// `G` heads of [`sums_sse41`]: tables at `t` (`gs * 16` bytes a head), sums to `o` (`BLOCK` a
+/// head). The caller checked the lengths.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+#[inline]
+unsafe fn sums_sse41_heads<const G: usize>(codes: *const u8, t: *const u8, gs: usize, o: *mut u16) {
+    use std::arch::x86_64::*;
+    let nib = _mm_set1_epi8(0x0f);
+    // per head: whole and high-byte sums of the low nibbles' lookups, then of the high ones'
+    let mut acc = [[_mm_setzero_si128(); 4]; G];
+    for i in 0..gs {
+        let c = _mm_loadu_si128(codes.add(i * 16) as *const __m128i);
+        let lo = _mm_and_si128(c, nib);
+        let hi = _mm_and_si128(_mm_srli_epi16(c, 4), nib);
+        for (h, a) in acc.iter_mut().enumerate() {
+            let tab = _mm_loadu_si128(t.add(h * gs * 16 + i * 16) as *const __m128i);
+            let rl = _mm_shuffle_epi8(tab, lo);
+            let rh = _mm_shuffle_epi8(tab, hi);
+            a[0] = _mm_add_epi16(a[0], rl);
+            a[1] = _mm_add_epi16(a[1], _mm_srli_epi16(rl, 8));
+            a[2] = _mm_add_epi16(a[2], rh);
+            a[3] = _mm_add_epi16(a[3], _mm_srli_epi16(rh, 8));
+        }
+    }
+    for (h, a) in acc.iter().enumerate() {
+        // even cells: whole less 256 times odd; then interleaved back into cell order
+        let (s1, s3) = (a[1], a[3]);
+        let s0 = _mm_sub_epi16(a[0], _mm_slli_epi16(s1, 8));
+        let s2 = _mm_sub_epi16(a[2], _mm_slli_epi16(s3, 8));
         let o = o.add(h * BLOCK) as *mut __m128i;
         _mm_storeu_si128(o, _mm_unpacklo_epi16(s0, s1));
         _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(s0, s1));

@@ -70,7 +70,7 @@ impl Kernel {
     /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel.
     pub fn for_level(level: Level) -> Kernel {
         match level.usable() {
-            Level::Portable => Kernel::Portable,
+            Level::Portable | Level::Sse41 => Kernel::Portable,
             Level::Neon => Kernel::Neon,
             Level::Avx2 => Kernel::Avx2,
             Level::Avx512 if has_vbmi() => Kernel::Vbmi,
@@ -735,7 +735,7 @@ mod tests {
         assert_eq!(Kernel::for_level(Level::Portable), Kernel::Portable);
         for level in [Level::Neon, Level::Avx2, Level::Avx512] {
             let want = match level.usable() {
-                Level::Portable => Kernel::Portable,
+                Level::Portable | Level::Sse41 => Kernel::Portable,
                 Level::Neon => Kernel::Neon,
                 Level::Avx2 => Kernel::Avx2,
                 Level::Avx512 => if has_vbmi() { Kernel::Vbmi } else { Kernel::Avx2 },

@@ -1,8 +1,9 @@
 //! Which instruction set the CPU kernels use, chosen once per process.
 //!
 //! The best level the CPU has is detected at first use; the environment variable
-//! `HCATTN_SIMD` (`portable`, `neon`, `avx2` or `avx512`) can only lower it, so that one binary
-//! can compare its kernels end to end (and a user can avoid AVX-512 where it slows the clock).
+//! `HCATTN_SIMD` (`portable`, `neon`, `sse4.1`, `avx2` or `avx512`) can only lower it, so that
+//! one binary can compare its kernels end to end (and a user can avoid AVX-512 where it slows
+//! the clock).
 //! Each kernel also has a `*_with(level, ..)` form for tests and micro-benchmarks; asked for a
 //! level the CPU lacks, it runs the best one the CPU has below it.
 
@@ -17,6 +18,10 @@ pub enum Level {
     /// that asking an x86 CPU for it gives the portable kernels, and an Arm CPU for AVX2 gives
     /// it.
     Neon,
+    /// SSSE3 and SSE4.1 (x86 without AVX2: CPUs before Haswell, and Pentium, Celeron and Atom
+    /// parts up to about 2020): byte shuffles for the 4-bit scan, 4-lane f32 vectors, f16
+    /// converted by integer operations (no F16C)
+    Sse41,
     /// AVX2 with FMA and F16C
     Avx2,
     /// AVX-512 F, BW and VL, on top of the AVX2 set
@@ -24,19 +29,22 @@ pub enum Level {
 }
 
 impl Level {
-    pub const ALL: [Level; 4] = [Level::Portable, Level::Neon, Level::Avx2, Level::Avx512];
+    pub const ALL: [Level; 5] = [Level::Portable, Level::Neon, Level::Sse41, Level::Avx2, Level::Avx512];
 
     pub fn name(self) -> &'static str {
         match self {
             Level::Portable => "portable",
             Level::Neon => "neon",
+            Level::Sse41 => "sse4.1",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
         }
     }
 
+    /// A level by its name, case and dots aside (`sse41` is `sse4.1`).
     pub fn parse(s: &str) -> Option<Level> {
-        Level::ALL.into_iter().find(|l| l.name() == s.trim().to_ascii_lowercase())
+        let bare = |n: &str| n.trim().to_ascii_lowercase().replace('.', "");
+        Level::ALL.into_iter().find(|l| bare(l.name()) == bare(s))
     }
 
     /// The highest level this CPU runs.
@@ -51,6 +59,9 @@ impl Level {
                         return Level::Avx512;
                     }
                     return Level::Avx2;
+                }
+                if has!("ssse3") && has!("sse4.1") {
+                    return Level::Sse41;
                 }
             }
             #[cfg(target_arch = "aarch64")]
@@ -82,7 +93,7 @@ pub fn level() -> Level {
             Ok(s) => match Level::parse(&s) {
                 Some(l) => l.usable(),
                 None => {
-                    eprintln!("hcattn: HCATTN_SIMD={s:?} is not one of portable, neon, avx2, avx512; using {}", best.name());
+                    eprintln!("hcattn: HCATTN_SIMD={s:?} is not one of portable, neon, sse4.1, avx2, avx512; using {}", best.name());
                     best
                 }
             },
@@ -91,12 +102,13 @@ pub fn level() -> Level {
 }
 
 /// f32 vectors for kernels written once for several widths ([`F32x16`] for AVX-512,
-/// [`F32x8`] for AVX2, [`F32x4`] for NEON). Each method is an intrinsic or two, always
+/// [`F32x8`] for AVX2, [`F32x4`] for SSE4.1 on x86 and for NEON on Arm). Each method is an intrinsic or two, always
 /// inlined: a kernel generic over `Lanes` is itself inlined into a `#[target_feature]` function
 /// of the matching level.
 ///
 /// # Safety
-/// Every method needs a CPU with the type's level (AVX-512 F/BW/VL, AVX2 with FMA, or NEON);
+/// Every method needs a CPU with the type's level (AVX-512 F/BW/VL, AVX2 with FMA, SSE4.1, or
+/// NEON);
 /// `load`, `store` and `visible_or` read or write WIDTH elements at their pointers.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[allow(clippy::missing_safety_doc)] // the trait's section covers every method
@@ -120,6 +132,14 @@ pub trait Lanes: Copy {
     unsafe fn neg_inf_to_zero(x: Self) -> Self;
     /// per lane i: `x` where a[i] <= at < b[i], else `other` (a and b: WIDTH i32s)
     unsafe fn visible_or(a: *const i32, b: *const i32, at: i32, x: Self, other: Self) -> Self;
+    /// `dst[i] = src[i]` as f32, over the shorter of the two (exact). By default `half`'s
+    /// slice conversion, which uses F16C or Arm's FP16 where the CPU has them.
+    #[inline(always)]
+    unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let n = src.len().min(dst.len());
+        src[..n].convert_to_f32_slice(&mut dst[..n])
+    }
 }
 
 /// Constants of the exp polynomial shared by the vector versions (see `attention::exp`).
@@ -270,6 +290,136 @@ impl Lanes for F32x8 {
     }
 }
 
+/// 4 f32 lanes (SSE4.1, for x86 CPUs without AVX2). There is no FMA at this level: `fmadd` is
+/// a multiply and an add, two roundings, as the portable code does them.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct F32x4(std::arch::x86_64::__m128);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for F32x4 {
+    const WIDTH: usize = 4;
+    // 16 registers, as AVX2 has
+    const BLOCK: usize = 2;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        F32x4(std::arch::x86_64::_mm_set1_ps(x))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        F32x4(std::arch::x86_64::_mm_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: Self) {
+        std::arch::x86_64::_mm_storeu_ps(p, x.0)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        F32x4(std::arch::x86_64::_mm_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        F32x4(std::arch::x86_64::_mm_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        F32x4(std::arch::x86_64::_mm_mul_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        F32x4(std::arch::x86_64::_mm_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        use std::arch::x86_64::*;
+        F32x4(_mm_add_ps(_mm_mul_ps(a.0, b.0), c.0))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self) -> Self {
+        use std::arch::x86_64::*;
+        // the scalar exp's operations in its order (it has no FMA either), so the same bits
+        let x = _mm_min_ps(_mm_max_ps(x.0, _mm_set1_ps(-87.0)), _mm_set1_ps(88.0));
+        let n = _mm_floor_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(std::f32::consts::LOG2_E)), _mm_set1_ps(0.5)));
+        let r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693_145_75)));
+        let r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(1.428_606_8e-6)));
+        let mut p = _mm_set1_ps(1.0 / 720.0);
+        for c in EXP_POLY {
+            p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(c));
+        }
+        // 2^n from the exponent bits: n is in [-126, 127] after the clamp
+        let two_n = _mm_castsi128_ps(_mm_slli_epi32::<23>(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127))));
+        F32x4(_mm_mul_ps(p, two_n))
+    }
+    #[inline(always)]
+    unsafe fn neg_inf_to_zero(x: Self) -> Self {
+        use std::arch::x86_64::*;
+        let m = _mm_cmpeq_ps(x.0, _mm_set1_ps(f32::NEG_INFINITY));
+        F32x4(_mm_andnot_ps(m, x.0))
+    }
+    #[inline(always)]
+    unsafe fn visible_or(a: *const i32, b: *const i32, at: i32, x: Self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        let at = _mm_set1_epi32(at);
+        let (a, b) = (_mm_loadu_si128(a as *const __m128i), _mm_loadu_si128(b as *const __m128i));
+        // a <= at and at < b
+        let vis = _mm_andnot_si128(_mm_cmpgt_epi32(a, at), _mm_cmpgt_epi32(b, at));
+        F32x4(_mm_blendv_ps(other.0, x.0, _mm_castsi128_ps(vis)))
+    }
+    /// [`f16x8_to_f32_sse41`], so that this level never uses F16C (which an SSE4.1 CPU may
+    /// lack, and `half` would then convert one value at a time).
+    #[inline(always)]
+    unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            let (lo, hi) = f16x8_to_f32_sse41(src.as_ptr().add(i));
+            std::arch::x86_64::_mm_storeu_ps(dst.as_mut_ptr().add(i), lo);
+            std::arch::x86_64::_mm_storeu_ps(dst.as_mut_ptr().add(i + 4), hi);
+            i += 8;
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = s.to_f32();
+        }
+    }
+}
+
+/// Eight f16 values at `p` as two vectors of four f32, for x86 CPUs without F16C: integer
+/// operations on the bits, exact (as `f16::to_f32` is) for every finite value, infinities
+/// included; a NaN stays a NaN.
+///
+/// # Safety
+/// Reads 16 bytes at `p`; SSE4.1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+#[inline]
+pub(crate) unsafe fn f16x8_to_f32_sse41(p: *const half::f16) -> (std::arch::x86_64::__m128, std::arch::x86_64::__m128) {
+    use std::arch::x86_64::*;
+    let h = _mm_loadu_si128(p as *const __m128i);
+    let z = _mm_setzero_si128();
+    (f16_bits_to_f32(_mm_unpacklo_epi16(h, z)), f16_bits_to_f32(_mm_unpackhi_epi16(h, z)))
+}
+
+/// Four f16 bit patterns (the low 16 bits of each 32-bit lane) as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+#[inline]
+unsafe fn f16_bits_to_f32(h: std::arch::x86_64::__m128i) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let sign = _mm_slli_epi32::<16>(_mm_and_si128(h, _mm_set1_epi32(0x8000)));
+    // exponent and mantissa where an f32 has them; the exponent still biased by 15, not 127
+    let em = _mm_slli_epi32::<13>(_mm_and_si128(h, _mm_set1_epi32(0x7fff)));
+    let rebias = _mm_set1_epi32(112 << 23);
+    // infinities and NaNs (exponent 31) go to exponent 255: 112 more
+    let top = _mm_and_si128(_mm_cmpgt_epi32(em, _mm_set1_epi32(0x7bff << 13)), rebias);
+    let normal = _mm_add_epi32(_mm_add_epi32(em, rebias), top);
+    // zeros and subnormals (exponent 0) are m * 2^-24: 2^-14 * (1 + m / 2^10), less 2^-14,
+    // exact by Sterbenz's lemma
+    let tiny = _mm_cmplt_epi32(em, _mm_set1_epi32(0x0400 << 13));
+    let sub = _mm_sub_ps(_mm_castsi128_ps(_mm_or_si128(em, _mm_set1_epi32(113 << 23))), _mm_set1_ps(1.0 / 16384.0));
+    let r = _mm_blendv_ps(_mm_castsi128_ps(normal), sub, _mm_castsi128_ps(tiny));
+    _mm_or_ps(r, _mm_castsi128_ps(sign))
+}
+
 /// 4 f32 lanes (NEON, which every aarch64 CPU has).
 #[cfg(target_arch = "aarch64")]
 #[derive(Clone, Copy)]
@@ -358,10 +508,40 @@ mod tests {
         }
         assert_eq!(Level::parse(" AVX2 "), Some(Level::Avx2));
         assert_eq!(Level::parse("sse"), None);
+        assert_eq!(Level::parse("SSE41"), Some(Level::Sse41));
         assert!(level() <= Level::detected());
         // Neon is usable only where it is the detected level (Arm), never on x86
         assert_eq!(Level::Neon.usable() == Level::Neon, Level::detected() == Level::Neon);
         assert!(Level::Avx2.usable() != Level::Neon || Level::detected() == Level::Neon);
+    }
+
+    /// Every one of the 65536 f16 bit patterns through the SSE4.1 conversion: the bits of
+    /// `f16::to_f32` (exact) for every non-NaN, zeros, subnormals and infinities included, and
+    /// a NaN for a NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sse41_f16_conversion_is_exact_for_every_value() {
+        if Level::detected() < Level::Sse41 {
+            return;
+        }
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        for (i, eight) in all.chunks_exact(8).enumerate() {
+            let mut got = [0f32; 8];
+            // SAFETY: the CPU has SSE4.1 (checked above); `eight` holds 8 values.
+            unsafe {
+                let (lo, hi) = f16x8_to_f32_sse41(eight.as_ptr());
+                std::arch::x86_64::_mm_storeu_ps(got.as_mut_ptr(), lo);
+                std::arch::x86_64::_mm_storeu_ps(got.as_mut_ptr().add(4), hi);
+            }
+            for (k, (h, y)) in eight.iter().zip(got).enumerate() {
+                let want = h.to_f32();
+                if want.is_nan() {
+                    assert!(y.is_nan(), "bits {:#06x}: {y}", i * 8 + k);
+                } else {
+                    assert_eq!(y.to_bits(), want.to_bits(), "bits {:#06x}: {y} vs {want}", i * 8 + k);
+                }
+            }
+        }
     }
 
     /// Every aarch64 Linux CPU has NEON (the ABI requires it), so the NEON kernels' tests, run
@@ -400,6 +580,9 @@ mod tests {
         }
         #[cfg(target_arch = "x86_64")]
         {
+            if Level::detected() >= Level::Sse41 {
+                check::<F32x4>(&xs);
+            }
             if Level::detected() >= Level::Avx2 {
                 check::<F32x8>(&xs);
             }
