@@ -278,8 +278,8 @@ fn add_row(pj: f32, v: &[f16], out: &mut [f32], buf: &mut [f32; ROW_PIECE]) {
 /// reads ahead the sum waited on each in turn (about half of a 32768-deep 4-bit decode's time
 /// on an AVX2-only Zen 3; with them and the union pass, decode there went 1.2 to 1.7 times
 /// faster at 8192 and 32768 tokens). On the AVX-512 machine of earlier stops reads ahead
-/// gave nothing, so its kernels have none. The NEON kernel reads ahead as the AVX2 one does
-/// (untimed: there is no Arm machine here).
+/// gave nothing, so its kernels have none. The SSE4.1 and NEON kernels read ahead as the AVX2
+/// one does (the NEON one untimed: there is no Arm machine here).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const ROWS_AHEAD: usize = 16;
 
@@ -440,9 +440,9 @@ unsafe fn weighted_sum_avx512<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32,
     }
 }
 
-/// SSE4.1: eight values a step (one 16-byte load, the conversion above, a multiply and an add
-/// per four: the portable sum's operations in its order, so its bits); rows read ahead as in
-/// the AVX2 kernel.
+/// SSE4.1: eight values a step (one 16-byte load, [`f16x8_to_f32_sse41`], a multiply and an
+/// add per four: the portable sum's operations in its order, so its bits); rows read ahead as
+/// in the AVX2 kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "ssse3,sse4.1")]
 unsafe fn weighted_sum_sse41<'a>(p: &[f32], sel: &[u32], w: f32, cells: &[(i32, u32)], val: impl Fn(u32) -> &'a [f16], out: &mut [f32]) {

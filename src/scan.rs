@@ -224,8 +224,9 @@ unsafe fn sums_sse41(codes: &[u8], tabs: &[u8], g: usize, gs: usize, out: &mut [
     }
 }
 
-/// Query heads a pass of [`sums_sse41`]: 4 sums a head, which with the codes, nibbles and a
-/// table fill the 16 registers at 3.
+/// Query heads a pass of [`sums_sse41`]: 4 sums a head, so 3 heads' 12 sums, the nibble mask,
+/// the two nibble vectors and a table take the 16 registers (AVX-512 and NEON, with 32, take
+/// 4 heads).
 #[cfg(target_arch = "x86_64")]
 const SSE_HEADS: usize = 3;
 
