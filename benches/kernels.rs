@@ -158,7 +158,9 @@ fn kernels(c: &mut Criterion) {
     let mut sel = Vec::new();
     let mut grp = c.benchmark_group("select");
     grp.throughput(Throughput::Elements(N as u64));
-    for level in levels() {
+    // SSE4.1 and NEON run the portable softmax
+    let softmax_levels = || levels().filter(|l| !matches!(l, Level::Sse41 | Level::Neon));
+    for level in softmax_levels() {
         grp.bench_function(format!("softmax_{}", level.name()), |b| {
             let mut l: Vec<f32> = (0..N).map(|_| r.next() * 8.0).collect();
             b.iter(|| softmax_with(level, black_box(&mut l), None))
@@ -171,7 +173,7 @@ fn kernels(c: &mut Criterion) {
     let lv: Vec<u16> = (0..N).map(|_| 2000 + ((r.next() + r.next() + r.next() + r.next()) * 150.0) as u16).collect();
     let raw = vec![0f32; N];
     let scale = Scale { kq_scale: 0.125, softcap: 0.0 };
-    for level in levels() {
+    for level in softmax_levels() {
         let (mut q, mut head, mut scratch) = (vec![0f32; N], HeadLevels::default(), ChunkScratch::default());
         grp.bench_function(format!("softmax_from_levels_{}", level.name()), |b| {
             b.iter(|| softmax_in_chunks(level, black_box(&lv), &raw, -20.0, 0.01, scale, None, N, &mut head, &mut scratch, &mut q))

@@ -550,8 +550,8 @@ pub struct HeadRows<'a> {
 /// head, whose probabilities `rows` holds (at least over the chunk) and whose cuts are `cuts`:
 /// `out[k * dv..]` = sum over the chunk's tokens j that head k's cut takes of
 /// `p_k[j] * val(cells[j])`, `mass[k]` = sum of those p_k[j] (f64, in index order). With
-/// AVX-512 and a row length of 64 or 128, or AVX2 and 64, up to [`UNION_HEADS`] (4, or 2 for
-/// 128) heads share one pass over their selections' union, which reads each value row once
+/// AVX-512 and a row length of 64 or 128, or AVX2, SSE4.1 or NEON and 64, up to
+/// [`UNION_HEADS`] (4, or 2 for 128) heads share one pass over their selections' union, which reads each value row once
 /// for all of them: the rows are scattered over the value store and each read waits on
 /// memory. Otherwise each head collects its tokens and sums them with [`weighted_sum`].
 #[allow(clippy::too_many_arguments)]

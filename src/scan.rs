@@ -73,9 +73,10 @@ pub fn sums_with(level: Level, codes: &[u8], tabs: &[u8], g: usize, gs: usize, o
             // SAFETY: AVX2 is present (`usable` checked it); the lengths are checked inside.
             return unsafe { sums_avx2(codes, tabs, g, gs, out) };
         }
+        // also AVX2 for odd gs, and AVX-512 for gs not a multiple of 4
         if level >= Level::Sse41 {
-            // SAFETY: SSSE3 and SSE4.1 are present (`usable` checked them); the lengths are
-            // checked inside.
+            // SAFETY: SSSE3 and SSE4.1 are present (`usable` checked them: every level from
+            // Sse41 up has them); the lengths are checked inside.
             return unsafe { sums_sse41(codes, tabs, g, gs, out) };
         }
     }

@@ -67,7 +67,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// The kernel for an instruction-set level, lowered to what the CPU has: AVX-512 without
-    /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel.
+    /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel, SSE4.1 the portable one.
     pub fn for_level(level: Level) -> Kernel {
         match level.usable() {
             Level::Portable | Level::Sse41 => Kernel::Portable,
@@ -733,7 +733,7 @@ mod tests {
     #[test]
     fn every_level_has_its_kernel() {
         assert_eq!(Kernel::for_level(Level::Portable), Kernel::Portable);
-        for level in [Level::Neon, Level::Avx2, Level::Avx512] {
+        for level in [Level::Neon, Level::Sse41, Level::Avx2, Level::Avx512] {
             let want = match level.usable() {
                 Level::Portable | Level::Sse41 => Kernel::Portable,
                 Level::Neon => Kernel::Neon,

@@ -19,7 +19,7 @@ pub enum Level {
     /// it.
     Neon,
     /// SSSE3 and SSE4.1 (x86 without AVX2: CPUs before Haswell, and Pentium, Celeron and Atom
-    /// parts up to about 2020): byte shuffles for the 4-bit scan, 4-lane f32 vectors, f16
+    /// parts up to 2021): byte shuffles for the 4-bit scan, 4-lane f32 vectors, f16
     /// converted by integer operations (no F16C)
     Sse41,
     /// AVX2 with FMA and F16C
@@ -54,7 +54,8 @@ impl Level {
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
-                if has!("avx2") && has!("fma") && has!("f16c") {
+                // the AVX2 level also runs the SSE4.1 kernels (the 4-bit scan for odd gs)
+                if has!("avx2") && has!("fma") && has!("f16c") && has!("ssse3") && has!("sse4.1") {
                     if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
                         return Level::Avx512;
                     }
