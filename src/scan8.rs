@@ -16,9 +16,8 @@
 //! code indexes it directly. Where the byte tables lie depends on the kernel that reads them
 //! ([`Kernel::at`]): one after another for the portable, AVX-512 VBMI and NEON kernels (a
 //! sub-vector's table is four 64-byte registers, or sixteen of 16 bytes), eight interleaved per
-//! entry for the AVX2 one
-//! (one 64-bit gather fetches both bytes of four query heads). Every kernel gives the same
-//! integers as [`sums_portable`], the reference.
+//! entry for the AVX2 and SSE4.1 ones (one 64-bit read fetches both bytes of four query heads).
+//! Every kernel gives the same integers as [`sums_portable`], the reference.
 
 use crate::simd::Level;
 
@@ -57,8 +56,11 @@ pub fn bytes_for(n_cells: usize, per: usize) -> usize {
 pub enum Kernel {
     #[default]
     Portable,
-    /// 64-bit gathers of eight byte tables' entries at once
+    /// eight byte tables interleaved per entry, read one 64-bit entry a cell (no gathers),
+    /// compiled for AVX2
     Avx2,
+    /// the same, compiled for SSE4.1 (x86 without AVX2)
+    Sse41,
     /// two-register byte permutes (`vpermi2b`), 64 cells per lookup
     Vbmi,
     /// four-register table lookups (`tbl`), 16 cells per lookup (Arm)
@@ -67,11 +69,12 @@ pub enum Kernel {
 
 impl Kernel {
     /// The kernel for an instruction-set level, lowered to what the CPU has: AVX-512 without
-    /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel, SSE4.1 the portable one.
+    /// VBMI (before Ice Lake and Zen 4) runs the AVX2 kernel.
     pub fn for_level(level: Level) -> Kernel {
         match level.usable() {
-            Level::Portable | Level::Sse41 => Kernel::Portable,
+            Level::Portable => Kernel::Portable,
             Level::Neon => Kernel::Neon,
+            Level::Sse41 => Kernel::Sse41,
             Level::Avx2 => Kernel::Avx2,
             Level::Avx512 if has_vbmi() => Kernel::Vbmi,
             Level::Avx512 => Kernel::Avx2,
@@ -83,20 +86,28 @@ impl Kernel {
         Kernel::for_level(crate::simd::level())
     }
 
+    /// Whether the byte tables are [`INTERLEAVE`]d per entry (else one after another).
+    #[inline(always)]
+    fn interleaved(self) -> bool {
+        matches!(self, Kernel::Avx2 | Kernel::Sse41)
+    }
+
     /// Bytes of `nt` byte tables of `gs` sub-vectors.
     pub fn table_bytes(self, nt: usize, gs: usize) -> usize {
-        match self {
-            Kernel::Avx2 => nt.div_ceil(INTERLEAVE) * INTERLEAVE * gs * TABLE,
-            _ => nt * gs * TABLE,
+        if self.interleaved() {
+            nt.div_ceil(INTERLEAVE) * INTERLEAVE * gs * TABLE
+        } else {
+            nt * gs * TABLE
         }
     }
 
     /// Index of byte table `k`'s entry for `code` of sub-vector `i`.
     #[inline(always)]
     pub fn at(self, gs: usize, k: usize, i: usize, code: usize) -> usize {
-        match self {
-            Kernel::Avx2 => ((k / INTERLEAVE) * gs * TABLE + i * TABLE + code) * INTERLEAVE + k % INTERLEAVE,
-            _ => (k * gs + i) * TABLE + code,
+        if self.interleaved() {
+            ((k / INTERLEAVE) * gs * TABLE + i * TABLE + code) * INTERLEAVE + k % INTERLEAVE
+        } else {
+            (k * gs + i) * TABLE + code
         }
     }
 }
@@ -197,9 +208,9 @@ unsafe fn products_avx2(
     products_lanes(kernel, q, g, gs, books, book, out, bias, step, |row| unsafe { min_max_avx2(row) })
 }
 
-/// Query heads whose tables one AVX2 entry holds: each head's two bytes, side by side, so that
-/// one 64-bit gather fetches them all. Their tables are written together, an entry whole; the
-/// other layouts are written a head at a time.
+/// Query heads whose tables one interleaved entry holds: each head's two bytes, side by side,
+/// so that one 64-bit read fetches them all. Their tables are written together, an entry
+/// whole; the other layouts are written a head at a time.
 const HEADS_PER_ENTRY: usize = INTERLEAVE / PLANES;
 
 #[inline(always)]
@@ -256,8 +267,8 @@ fn products_lanes(
 /// The tables of `g` heads in `kernel`'s layout, from each row's extremes (`extremes(h, i)`,
 /// the smallest and largest value of head h's row for sub-vector i) and its quantized values
 /// (`fill(h, i, lo, inv, row)`): per head, the extremes give the bias and the step, then each
-/// row is quantized and stored. The AVX2 layout is written [`HEADS_PER_ENTRY`] heads at a
-/// time, every byte of it (padding heads and entries 0).
+/// row is quantized and stored. The interleaved layout is written [`HEADS_PER_ENTRY`] heads at
+/// a time, every byte of it (padding heads and entries 0).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn write_tables(
@@ -271,7 +282,7 @@ fn write_tables(
     extremes: impl Fn(usize, usize) -> (f32, f32),
     fill: impl Fn(usize, usize, f32, f32, &mut [u16; TABLE]),
 ) {
-    let together = if kernel == Kernel::Avx2 { HEADS_PER_ENTRY } else { 1 };
+    let together = if kernel.interleaved() { HEADS_PER_ENTRY } else { 1 };
     let mut lo = [[0.0f32; MAX_SUBVECTORS]; HEADS_PER_ENTRY];
     let mut inv = [0.0f32; HEADS_PER_ENTRY];
     let mut rows = [[0u16; TABLE]; HEADS_PER_ENTRY];
@@ -303,7 +314,7 @@ fn write_tables(
 
 /// Size `out` for `g` heads' tables; zero it where the layout is not written whole.
 fn reset_tables(kernel: Kernel, out: &mut Vec<u8>, g: usize, gs: usize) {
-    if kernel != Kernel::Avx2 {
+    if !kernel.interleaved() {
         out.clear();
     }
     out.resize(kernel.table_bytes(PLANES * g, gs), 0);
@@ -336,14 +347,14 @@ fn quantize_row(values: impl ExactSizeIterator<Item = f32>, lo: f32, inv: f32, r
 }
 
 /// Store the quantized rows of sub-vector `i` of heads `h0..h0 + nh`: high bytes to byte
-/// table 2h, low ones to 2h + 1. The AVX2 layout writes whole entries from all the rows (those
-/// past `nh` are 0); the others write the first `m` entries of each head's two tables and
-/// leave the padding as it was.
+/// table 2h, low ones to 2h + 1. The interleaved layout writes whole entries from all the rows
+/// (those past `nh` are 0); the others write the first `m` entries of each head's two tables
+/// and leave the padding as it was.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn store_rows(kernel: Kernel, out: &mut [u8], gs: usize, h0: usize, i: usize, m: usize, rows: &[[u16; TABLE]; HEADS_PER_ENTRY], nh: usize) {
     match kernel {
-        Kernel::Avx2 => {
+        Kernel::Avx2 | Kernel::Sse41 => {
             let at = kernel.at(gs, PLANES * h0, i, 0);
             let entries = out[at..at + TABLE * INTERLEAVE].chunks_exact_mut(INTERLEAVE);
             let heads = rows[0].iter().zip(&rows[1]).zip(rows[2].iter().zip(&rows[3]));
@@ -432,7 +443,9 @@ pub fn sums(kernel: Kernel, codes: &[u8], stride: usize, nb: usize, tabs: &[u8],
         // SAFETY: a Vbmi or Avx2 kernel comes only from `Kernel::for_level`, which checked
         // that the CPU has its features; the lengths are checked inside.
         Kernel::Vbmi => return unsafe { sums_vbmi(codes, stride, nb, tabs, g, gs, out) },
-        Kernel::Avx2 => return unsafe { sums_avx2(codes, stride, nb, tabs, g, gs, out) },
+        Kernel::Avx2 => return unsafe { sums_loads_avx2(codes, stride, nb, tabs, g, gs, out) },
+        // SAFETY: as above, for SSE4.1
+        Kernel::Sse41 => return unsafe { sums_loads(codes, stride, nb, tabs, g, gs, out) },
         Kernel::Portable | Kernel::Neon => {}
     }
     #[cfg(target_arch = "aarch64")]
@@ -473,70 +486,101 @@ pub fn sums_portable(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usi
     }
 }
 
-/// Sub-vectors whose tables the AVX2 kernel reads for every cell of a run before it moves on:
-/// eight are 16 KiB of entries, which stay in a 32 KiB L1 cache. Each gathered element fetches
-/// a line of its own, and passing over all of a head's tables per 16 cells (128 KiB for 64
-/// sub-vectors) refilled them from L2: spans of 4 to 16 took about 10% off the kernel on Zen 3,
-/// the rest is the gathers themselves.
+/// Write the sums of consecutive cells from `first` on, of the interleaved kernels' group
+/// `chunk` of `tables` byte tables: a cell's u64 in `low` holds the sums of tables 2j in its
+/// u16 lane j, in `high` those of tables 2j + 1.
 #[cfg(target_arch = "x86_64")]
-const SPAN_AVX2: usize = 8;
+#[inline(always)]
+fn spread_sums(low: &[u64], high: &[u64], first: usize, chunk: usize, tables: usize, nb: usize, out: &mut [u16]) {
+    for (cell, (&l, &hh)) in low.iter().zip(high).enumerate() {
+        for x in 0..tables {
+            let lane = if x % 2 == 0 { l } else { hh };
+            out[(chunk * INTERLEAVE + x) * nb * BLOCK + first + cell] = (lane >> (16 * (x / 2))) as u16;
+        }
+    }
+}
 
-/// Four 4-cell gathers per sub-vector and 16 cells, each fetching an entry of up to eight byte
-/// tables (a u64 whose byte k is table k's): for up to four query heads one gathered element a
-/// cell, where 32-bit gathers took two (a 4-element 64-bit gather costs about half an
-/// 8-element 32-bit one on Zen 3). The sub-vectors go [`SPAN_AVX2`] at a time over every cell
-/// of the run, the partial sums kept per 16 cells. The u16 quarters of the gathered lanes are
-/// summed whole (table 2j plus 256 times table 2j + 1, wrapping) and by their high bytes
-/// (tables 2j + 1); tables 2j come out as whole minus 256 times high, exact because every true
-/// sum is below 2^16.
+/// Sub-vectors whose entries the x86 kernels read for every cell of a run before they move on:
+/// eight are 16 KiB of entries, which stay in a 32 KiB L1 cache. Each entry read fetches a line
+/// of its own, and passing over all of a head's tables per 16 cells (128 KiB for 64
+/// sub-vectors) refilled them from L2: spans of 4 to 16 took about 10% off the gather kernel
+/// that came before [`sums_loads`] on Zen 3.
+#[cfg(target_arch = "x86_64")]
+const SPAN: usize = 8;
+
+/// Cells whose sums [`sums_loads`] keeps in registers: four of whole sums and four of high ones
+/// (16 cells' worth would take all 16 XMM registers).
+#[cfg(target_arch = "x86_64")]
+const CELLS: usize = 8;
+
+/// The x86 kernel, for SSE4.1 and (compiled with VEX encodings by [`sums_loads_avx2`]) AVX2.
+/// Each cell's entry, a u64 holding up to eight byte tables' bytes (both bytes of four query
+/// heads), is one 64-bit read at its code, and two cells' entries share a register. The u16
+/// lanes are summed whole (table 2j plus 256 times table 2j + 1, wrapping) and by their high
+/// bytes (tables 2j + 1); tables 2j come out as whole minus 256 times high, exact because every
+/// true sum is below 2^16. The sub-vectors go [`SPAN`] at a time over every cell of the run,
+/// the partial sums kept per [`CELLS`] cells.
+///
+/// Plain reads, not gathers: on Zen 3 (`cargo bench --bench kernels -- --quick scan/8bit_avx2`,
+/// 3 query heads, 8192 cells of 64 sub-vectors, three runs taking turns) this took 288-391 µs
+/// at AVX2 where the four-element 64-bit gathers of the same entries that it replaced took
+/// 558-614 µs (the portable kernel, one byte table at a time: 4.7 ms). Filling 256-bit
+/// registers from the same reads was no faster.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.1")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sums_loads(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    sums_loads_body(codes, stride, nb, tabs, g, gs, out)
+}
+
+/// [`sums_loads`] compiled for AVX2, with VEX encodings (three-operand forms, fewer register
+/// copies; on Zen 3 within the noise of the SSE build).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn sums_avx2(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+unsafe fn sums_loads_avx2(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
+    sums_loads_body(codes, stride, nb, tabs, g, gs, out)
+}
+
+/// The body of [`sums_loads`] and [`sums_loads_avx2`], inlined into each so that its
+/// intrinsics compile for the caller's features. The caller has SSE4.1 at least.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sums_loads_body(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usize, gs: usize, out: &mut [u16]) {
     use std::arch::x86_64::*;
-    check(codes, stride, nb, tabs, Kernel::Avx2.table_bytes(g, gs), g, gs, out);
-    let parts = nb * BLOCK / 16;
+    check(codes, stride, nb, tabs, Kernel::Sse41.table_bytes(g, gs), g, gs, out);
+    let parts = nb * BLOCK / CELLS;
     for chunk in 0..g.div_ceil(INTERLEAVE) {
         let t = tabs.as_ptr().add(chunk * INTERLEAVE * gs * TABLE) as *const i64;
         let tables = (g - chunk * INTERLEAVE).min(INTERLEAVE);
-        let mut whole = [[_mm256_setzero_si256(); 4]; RUN * BLOCK / 16];
-        let mut high = [[_mm256_setzero_si256(); 4]; RUN * BLOCK / 16];
-        for i0 in (0..gs).step_by(SPAN_AVX2) {
+        let mut whole = [[_mm_setzero_si128(); CELLS / 2]; RUN * BLOCK / CELLS];
+        let mut high = [[_mm_setzero_si128(); CELLS / 2]; RUN * BLOCK / CELLS];
+        for i0 in (0..gs).step_by(SPAN) {
             for part in 0..parts {
-                let (b, quarter) = (part / 4, part % 4);
+                let (b, first) = (part / (BLOCK / CELLS), part % (BLOCK / CELLS) * CELLS);
                 let (mut w, mut hi) = (whole[part], high[part]);
-                for i in i0..(i0 + SPAN_AVX2).min(gs) {
-                    let c = _mm_loadu_si128(codes.as_ptr().add(b * stride + i * BLOCK + quarter * 16) as *const __m128i);
-                    let idx = [
-                        _mm_cvtepu8_epi32(c),
-                        _mm_cvtepu8_epi32(_mm_srli_si128(c, 4)),
-                        _mm_cvtepu8_epi32(_mm_srli_si128(c, 8)),
-                        _mm_cvtepu8_epi32(_mm_srli_si128(c, 12)),
-                    ];
-                    // entries are whole u64s: a gather never reads past the table
+                for i in i0..(i0 + SPAN).min(gs) {
+                    let c = codes.as_ptr().add(b * stride + i * BLOCK + first);
                     let row = t.add(i * TABLE);
-                    for k in 0..4 {
-                        let r = _mm256_i32gather_epi64::<8>(row, idx[k]);
-                        w[k] = _mm256_add_epi16(w[k], r);
-                        hi[k] = _mm256_add_epi16(hi[k], _mm256_srli_epi16(r, 8));
+                    for k in 0..CELLS / 2 {
+                        // the tables are bytes: their entries may be unaligned
+                        let one = _mm_loadl_epi64(row.add(*c.add(2 * k) as usize) as *const __m128i);
+                        let r = _mm_insert_epi64::<1>(one, row.add(*c.add(2 * k + 1) as usize).read_unaligned());
+                        w[k] = _mm_add_epi16(w[k], r);
+                        hi[k] = _mm_add_epi16(hi[k], _mm_srli_epi16(r, 8));
                     }
                 }
                 (whole[part], high[part]) = (w, hi);
             }
         }
         for part in 0..parts {
-            for k in 0..4 {
-                let low = _mm256_sub_epi16(whole[part][k], _mm256_slli_epi16(high[part][k], 8));
-                let (mut l, mut hh) = ([0u64; 4], [0u64; 4]);
-                _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, low);
-                _mm256_storeu_si256(hh.as_mut_ptr() as *mut __m256i, high[part][k]);
-                for (cell, (&l, &hh)) in l.iter().zip(&hh).enumerate() {
-                    let at = part * 16 + k * 4 + cell;
-                    for x in 0..tables {
-                        let lane = if x % 2 == 0 { l } else { hh };
-                        out[(chunk * INTERLEAVE + x) * nb * BLOCK + at] = (lane >> (16 * (x / 2))) as u16;
-                    }
-                }
+            for k in 0..CELLS / 2 {
+                let low = _mm_sub_epi16(whole[part][k], _mm_slli_epi16(high[part][k], 8));
+                let (mut l, mut hh) = ([0u64; 2], [0u64; 2]);
+                _mm_storeu_si128(l.as_mut_ptr() as *mut __m128i, low);
+                _mm_storeu_si128(hh.as_mut_ptr() as *mut __m128i, high[part][k]);
+                spread_sums(&l, &hh, part * CELLS + k * 2, chunk, tables, nb, out);
             }
         }
     }
@@ -546,7 +590,7 @@ unsafe fn sums_avx2(codes: &[u8], stride: usize, nb: usize, tabs: &[u8], g: usiz
 /// `vpermi2b` looks the low 7 bits of each code up in the first two and in the last two, and
 /// bit 7 picks one of the results. A byte table is loaded once for the run's blocks (the
 /// tables of a few heads outgrow the L1 cache, and reloading them per block made the scan wait
-/// on L2). Sums as in the AVX2 kernel: u16 lanes summed whole and by high bytes (cells 2k and
+/// on L2). Sums as in [`sums_loads`]: u16 lanes summed whole and by high bytes (cells 2k and
 /// 2k + 1).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
@@ -735,8 +779,9 @@ mod tests {
         assert_eq!(Kernel::for_level(Level::Portable), Kernel::Portable);
         for level in [Level::Neon, Level::Sse41, Level::Avx2, Level::Avx512] {
             let want = match level.usable() {
-                Level::Portable | Level::Sse41 => Kernel::Portable,
+                Level::Portable => Kernel::Portable,
                 Level::Neon => Kernel::Neon,
+                Level::Sse41 => Kernel::Sse41,
                 Level::Avx2 => Kernel::Avx2,
                 Level::Avx512 => if has_vbmi() { Kernel::Vbmi } else { Kernel::Avx2 },
             };
