@@ -37,7 +37,7 @@ pub const MAX_SUBVECTORS: usize = 256;
 /// ones (2h + 1).
 pub const PLANES: usize = 2;
 
-/// Byte tables the AVX2 layout interleaves.
+/// Byte tables the interleaved layout (AVX2 and SSE4.1 kernels) keeps per entry.
 const INTERLEAVE: usize = 8;
 
 /// Byte offset of code `i` (of `per` per cell) of `cell`.
@@ -134,8 +134,8 @@ pub fn quantize_tables(kernel: Kernel, t: &[f32], m: usize, g: usize, gs: usize,
     step.clear();
     #[cfg(target_arch = "x86_64")]
     if matches!(kernel, Kernel::Avx2 | Kernel::Vbmi) {
-        // SAFETY: an x86 SIMD kernel comes only from `Kernel::for_level`, which checked that
-        // the CPU has AVX2 at least.
+        // SAFETY: an Avx2 or Vbmi kernel comes only from `Kernel::for_level`, which checked
+        // that the CPU has AVX2 at least.
         return unsafe { tables_avx2(kernel, t, m, g, gs, out, bias, step) };
     }
     tables_lanes(kernel, t, m, g, gs, out, bias, step, min_max)
