@@ -354,7 +354,7 @@ fn quantize_row(values: impl ExactSizeIterator<Item = f32>, lo: f32, inv: f32, r
 #[allow(clippy::too_many_arguments)]
 fn store_rows(kernel: Kernel, out: &mut [u8], gs: usize, h0: usize, i: usize, m: usize, rows: &[[u16; TABLE]; HEADS_PER_ENTRY], nh: usize) {
     match kernel {
-        Kernel::Avx2 | Kernel::Sse41 => {
+        k if k.interleaved() => {
             let at = kernel.at(gs, PLANES * h0, i, 0);
             let entries = out[at..at + TABLE * INTERLEAVE].chunks_exact_mut(INTERLEAVE);
             let heads = rows[0].iter().zip(&rows[1]).zip(rows[2].iter().zip(&rows[3]));
